@@ -1,1 +1,189 @@
-fn main() {}
+//! `damselfly-agent`: the agent as a service. Flags (or their `DAMSELFLY_*` environment variables) override the
+//! config file, which overrides the defaults.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use damselfly_agent::AgentConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "damselfly-agent", version, about = "Collects host metrics and pushes them to a Damselfly collector")]
+struct Cli {
+    /// TOML config file (see agent.example.toml).
+    #[arg(long, short = 'c', value_name = "FILE", env = "DAMSELFLY_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Collector gRPC URL, e.g. http://10.0.0.5:4317.
+    #[arg(long, value_name = "URL", env = "DAMSELFLY_COLLECTOR")]
+    collector: Option<String>,
+    /// Seconds between collection rounds (at least 1).
+    #[arg(long, value_name = "SECS", env = "DAMSELFLY_INTERVAL")]
+    interval: Option<u64>,
+    /// Namespace id tag.
+    #[arg(long, value_name = "ID", env = "DAMSELFLY_NS_ID")]
+    ns: Option<String>,
+    /// MCIS id tag.
+    #[arg(long, value_name = "ID", env = "DAMSELFLY_MCIS_ID")]
+    mcis: Option<String>,
+    /// VM id tag (default: the host name).
+    #[arg(long, value_name = "ID", env = "DAMSELFLY_VM_ID")]
+    vm: Option<String>,
+    /// Cloud provider tag, e.g. aws.
+    #[arg(long, value_name = "NAME", env = "DAMSELFLY_CSP")]
+    csp: Option<String>,
+    /// Region tag.
+    #[arg(long, value_name = "NAME", env = "DAMSELFLY_REGION")]
+    region: Option<String>,
+    /// Zone tag.
+    #[arg(long, value_name = "NAME", env = "DAMSELFLY_ZONE")]
+    zone: Option<String>,
+    /// Host name tag (default: the OS host name).
+    #[arg(long, value_name = "NAME", env = "DAMSELFLY_HOSTNAME")]
+    hostname: Option<String>,
+    /// Agent id (default: derived from host name, ns, mcis and vm).
+    #[arg(long, value_name = "ID", env = "DAMSELFLY_AGENT_ID")]
+    agent_id: Option<String>,
+    /// Directory for durable agent state (the batch sequence number).
+    #[arg(long, value_name = "DIR", env = "DAMSELFLY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Validate the configuration, print the effective configuration as TOML and exit (2 if invalid).
+    #[arg(long)]
+    check_config: bool,
+    /// Collect one round, print the points as JSON lines on stdout and exit; no network.
+    #[arg(long, conflicts_with = "check_config")]
+    once: bool,
+}
+
+impl Cli {
+    /// Defaults, then the file, then flags.
+    fn config(&self) -> Result<AgentConfig, damselfly_agent::ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => AgentConfig::load(path)?,
+            None => AgentConfig::default(),
+        };
+        let set = |slot: &mut String, v: &Option<String>| {
+            if let Some(v) = v {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut c.collector, &self.collector);
+        set(&mut c.ns_id, &self.ns);
+        set(&mut c.mcis_id, &self.mcis);
+        set(&mut c.vm_id, &self.vm);
+        set(&mut c.csp, &self.csp);
+        set(&mut c.region, &self.region);
+        set(&mut c.zone, &self.zone);
+        set(&mut c.hostname, &self.hostname);
+        if let Some(v) = self.interval {
+            c.interval = v;
+        }
+        if self.agent_id.is_some() {
+            c.agent_id.clone_from(&self.agent_id);
+        }
+        if self.state_dir.is_some() {
+            c.state_dir.clone_from(&self.state_dir);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+
+    let config = match cli.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    if cli.once {
+        return once(&config);
+    }
+
+    // One thread is plenty for one stream and a timer; probes run on the blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("damselfly-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(damselfly_agent::run(config, shutdown_signal())) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            eprintln!("damselfly-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--once`: one round as JSON lines.
+fn once(config: &AgentConfig) -> ExitCode {
+    let round = match damselfly_agent::collect_once(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("damselfly-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for line in round.json_lines() {
+        if let Err(e) = writeln!(out, "{line}") {
+            // `damselfly-agent --once | head` closing the pipe is not a failure.
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("damselfly-agent: cannot write to stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Logs go to stderr (stdout is for `--once` and `--check-config`); `RUST_LOG` filters, default `info`.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Completes on Ctrl-C, or on SIGTERM on Unix (what systemd and `kill` send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    () = ctrl_c() => {}
+                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the agent"),
+        }
+    }
+    ctrl_c().await;
+}
+
+/// Completes on Ctrl-C; never, if Ctrl-C cannot be watched (a service must not stop because of that).
+async fn ctrl_c() {
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => tracing::info!("Ctrl-C received; shutting down"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    }
+}

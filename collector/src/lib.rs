@@ -1,1 +1,21 @@
-//! collector
+//! The Damselfly collector: one shard of the ingest and query side.
+//!
+//! Where it sits in the data path: agents push batches over gRPC ([`grpc`]); the [`store`] validates them, makes
+//! them durable in the write-ahead log ([`wal`]), keeps them in an Arrow [`buffer`] that queries see at once, and
+//! flushes them to Parquet files ([`persist`]) partitioned by table and hour. [`query`] answers SQL with DataFusion
+//! over files and buffer together, served over HTTP ([`http`]).
+
+pub mod buffer;
+pub mod catalog;
+pub mod config;
+pub mod dedup;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod persist;
+pub mod store;
+pub mod wal;
+
+pub use config::CollectorConfig;
+pub use error::{CollectorError, Result};
+pub use store::{Store, WriteOutcome};

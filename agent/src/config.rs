@@ -1,0 +1,381 @@
+//! Agent configuration: defaults, TOML loading and validation.
+//!
+//! Precedence is defaults < config file < command-line flags; the binary applies the flags after [`AgentConfig::load`],
+//! then calls [`AgentConfig::validate`] before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Identity tag keys, in the order they are put on every batch.
+pub const IDENTITY_TAG_KEYS: [&str; 9] = [
+    "ns_id", "mcis_id", "vm_id", "csp", "region", "zone", "hostname", "os_type", "agent_id",
+];
+
+/// Tag values are at most 64 KiB on the wire (see `ingest.proto`).
+const MAX_TAG_VALUE_BYTES: usize = 64 * 1024;
+
+/// Everything an agent needs to know. Every key is optional in the file; unknown keys are an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Collector gRPC endpoint, `http://host:port`. Default `http://127.0.0.1:4317`. (TLS is not built in yet, so
+    /// `https://` is rejected.)
+    pub collector: String,
+    /// Seconds between collection rounds. Default 10, at least 1.
+    pub interval: u64,
+    /// Namespace id (Cloud-Barista `ns`). Default `"default"`.
+    pub ns_id: String,
+    /// MCIS id. Default `"default"`.
+    pub mcis_id: String,
+    /// VM id inside the MCIS. Default: empty, which means "use `hostname`".
+    pub vm_id: String,
+    /// Cloud service provider, e.g. `aws`. Default empty (unknown).
+    pub csp: String,
+    /// Cloud region. Default empty (unknown).
+    pub region: String,
+    /// Cloud zone. Default empty (unknown).
+    pub zone: String,
+    /// Host name tag. Default: the OS host name.
+    pub hostname: String,
+    /// OS type tag. Default: `std::env::consts::OS` (`linux`, `windows`, `macos`, ...).
+    pub os_type: String,
+    /// Stable agent id, sent with every batch and as the `agent_id` tag. Default: derived from `hostname`, `ns_id`,
+    /// `mcis_id` and `vm_id` (see [`AgentConfig::effective_agent_id`]), so it survives restarts but changes when one
+    /// of those changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// Directory for the agent's durable state (today: the batch sequence number). Default: none, in which case
+    /// sequence numbers start from the wall clock so a restarted agent never reuses one (see `seq.rs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Most points in one `WriteBatch`; a round with more points is split. Default 5000.
+    pub batch_max_points: usize,
+    /// Most batches sent on the stream and not yet acknowledged. Default 8.
+    pub max_in_flight: usize,
+    /// Most batches kept in memory until acknowledged; when full the oldest is dropped (and counted). Default 1000
+    /// (at the default interval that is ~2.7 hours of a collector outage).
+    pub max_pending_batches: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            collector: "http://127.0.0.1:4317".to_owned(),
+            interval: 10,
+            ns_id: "default".to_owned(),
+            mcis_id: "default".to_owned(),
+            vm_id: String::new(),
+            csp: String::new(),
+            region: String::new(),
+            zone: String::new(),
+            hostname: os_hostname(),
+            os_type: std::env::consts::OS.to_owned(),
+            agent_id: None,
+            state_dir: None,
+            batch_max_points: 5000,
+            max_in_flight: 8,
+            max_pending_batches: 1000,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrongly typed value.
+    #[error("cannot parse config file {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the offending key and line).
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: `{key}` {reason}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads a TOML config file; keys it does not set keep their defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text (no validation beyond types and key names).
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The effective configuration as TOML, with derived defaults filled in (for `--check-config`).
+    pub fn to_toml(&self) -> String {
+        let mut effective = self.clone();
+        effective.vm_id = self.effective_vm_id().to_owned();
+        effective.agent_id = Some(self.effective_agent_id());
+        // Serializing plain strings, integers and paths cannot fail; fall back to Debug rather than panic.
+        toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render config: {e}\n# {effective:?}\n"))
+    }
+
+    /// Checks ranges and values; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+
+        match self.collector.split_once("://") {
+            Some(("http", rest)) if !rest.is_empty() => {}
+            Some(("https", _)) => {
+                return invalid(
+                    "collector",
+                    format!("is {:?}: TLS is not supported yet, use http://", self.collector),
+                );
+            }
+            _ => {
+                return invalid(
+                    "collector",
+                    format!("must be a URL like http://127.0.0.1:4317, got {:?}", self.collector),
+                );
+            }
+        }
+        if tonic::transport::Endpoint::from_shared(self.collector.clone()).is_err() {
+            return invalid("collector", format!("is not a valid URL: {:?}", self.collector));
+        }
+        if self.interval < 1 {
+            return invalid("interval", format!("must be at least 1 second, got {}", self.interval));
+        }
+        if self.interval > 86_400 {
+            return invalid("interval", format!("must be at most 86400 seconds (one day), got {}", self.interval));
+        }
+        if self.batch_max_points < 1 {
+            return invalid("batch_max_points", "must be at least 1, got 0".to_owned());
+        }
+        if self.max_in_flight < 1 {
+            return invalid("max_in_flight", "must be at least 1, got 0".to_owned());
+        }
+        if self.max_pending_batches < 1 {
+            return invalid("max_pending_batches", "must be at least 1, got 0".to_owned());
+        }
+        if self.hostname.is_empty() {
+            return invalid("hostname", "must not be empty (the OS host name could not be read: set it)".to_owned());
+        }
+        if let Some(id) = &self.agent_id
+            && (id.is_empty() || id.len() > 256)
+        {
+            return invalid("agent_id", format!("must be 1..=256 bytes, got {} bytes", id.len()));
+        }
+        for (key, value) in self.identity_tags_raw() {
+            if value.len() > MAX_TAG_VALUE_BYTES {
+                return invalid(key, format!("is {} bytes, at most {MAX_TAG_VALUE_BYTES} allowed", value.len()));
+            }
+            if value.chars().any(char::is_control) {
+                return invalid(key, format!("must not contain control characters, got {value:?}"));
+            }
+        }
+        if let Some(dir) = &self.state_dir
+            && dir.as_os_str().is_empty()
+        {
+            return invalid("state_dir", "must not be empty (leave it out to keep no state)".to_owned());
+        }
+        Ok(())
+    }
+
+    /// `vm_id`, or the host name when it is not set.
+    pub fn effective_vm_id(&self) -> &str {
+        if self.vm_id.is_empty() { &self.hostname } else { &self.vm_id }
+    }
+
+    /// The configured `agent_id`, or one derived from `hostname`, `ns_id`, `mcis_id` and the effective `vm_id`: a
+    /// UUID-shaped hex string of a fixed 128-bit FNV-1a hash, identical on every run and every platform.
+    pub fn effective_agent_id(&self) -> String {
+        if let Some(id) = &self.agent_id {
+            return id.clone();
+        }
+        let mut key = Vec::new();
+        for part in [self.hostname.as_str(), &self.ns_id, &self.mcis_id, self.effective_vm_id()] {
+            // Length prefixes keep ("ab","c") and ("a","bc") apart.
+            key.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            key.extend_from_slice(part.as_bytes());
+        }
+        let h = fnv1a_128(&key);
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            (h >> 96) as u32,
+            (h >> 80) as u16,
+            (h >> 64) as u16,
+            (h >> 48) as u16,
+            h & 0xffff_ffff_ffff
+        )
+    }
+
+    /// The nine identity tags (`ns_id`, ..., `agent_id`) with their effective values, in [`IDENTITY_TAG_KEYS`] order.
+    pub fn identity_tags(&self) -> Vec<(&'static str, String)> {
+        let mut tags: Vec<(&'static str, String)> =
+            self.identity_tags_raw().map(|(k, v)| (k, v.to_owned())).collect();
+        tags.push(("agent_id", self.effective_agent_id()));
+        tags
+    }
+
+    /// The identity tags except `agent_id`, borrowed.
+    fn identity_tags_raw(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("ns_id", self.ns_id.as_str()),
+            ("mcis_id", self.mcis_id.as_str()),
+            ("vm_id", self.effective_vm_id()),
+            ("csp", self.csp.as_str()),
+            ("region", self.region.as_str()),
+            ("zone", self.zone.as_str()),
+            ("hostname", self.hostname.as_str()),
+            ("os_type", self.os_type.as_str()),
+        ]
+        .into_iter()
+    }
+}
+
+/// The OS host name, or `localhost` when it cannot be read (validation then still passes; operators can override).
+fn os_hostname() -> String {
+    sysinfo::System::host_name()
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// 128-bit FNV-1a: tiny, dependency-free and specified, so derived ids never change with a toolchain update.
+fn fnv1a_128(bytes: &[u8]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    bytes.iter().fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = AgentConfig::default();
+        c.validate().expect("defaults validate");
+        assert_eq!(c.collector, "http://127.0.0.1:4317");
+        assert_eq!(c.interval, 10);
+        assert_eq!(c.os_type, std::env::consts::OS);
+        assert!(!c.hostname.is_empty());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = AgentConfig::from_toml("").expect("parse");
+        assert_eq!(c, AgentConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let err = AgentConfig::from_toml("interval = 5\ncolector = \"http://x:1\"\n").expect_err("must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("colector"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let err = AgentConfig::from_toml("interval = \"ten\"").expect_err("must fail");
+        assert!(err.to_string().contains("interval"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_key() {
+        let cases: [(&str, &str); 8] = [
+            ("interval = 0", "interval"),
+            ("interval = 100000", "interval"),
+            ("collector = \"127.0.0.1:4317\"", "collector"),
+            ("collector = \"https://c:4317\"", "collector"),
+            ("batch_max_points = 0", "batch_max_points"),
+            ("max_in_flight = 0", "max_in_flight"),
+            ("max_pending_batches = 0", "max_pending_batches"),
+            ("agent_id = \"\"", "agent_id"),
+        ];
+        for (text, key) in cases {
+            let c = AgentConfig::from_toml(text).expect("parses");
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, reason }) => assert_eq!(k, key, "{text}: {reason}"),
+                other => panic!("{text}: expected Invalid({key}), got {other:?}"),
+            }
+        }
+        let c = AgentConfig { region: "a\nb".into(), ..AgentConfig::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "region", .. })));
+        let msg = AgentConfig { interval: 0, ..AgentConfig::default() }
+            .validate()
+            .expect_err("invalid")
+            .to_string();
+        assert!(msg.contains("`interval`") && msg.contains("at least 1"), "{msg}");
+    }
+
+    #[test]
+    fn agent_id_is_stable_and_depends_on_identity() {
+        let a = AgentConfig { hostname: "h1".into(), ..AgentConfig::default() };
+        let id = a.effective_agent_id();
+        assert_eq!(id, a.clone().effective_agent_id());
+        assert_eq!(id.len(), 36, "{id}");
+        let b = AgentConfig { vm_id: "vm-2".into(), ..a.clone() };
+        assert_ne!(id, b.effective_agent_id());
+        let fixed = AgentConfig { agent_id: Some("me".into()), ..a };
+        assert_eq!(fixed.effective_agent_id(), "me");
+    }
+
+    #[test]
+    fn identity_tags_cover_every_key() {
+        let c = AgentConfig { hostname: "h".into(), ..AgentConfig::default() };
+        let keys: Vec<&str> = c.identity_tags().iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, IDENTITY_TAG_KEYS);
+        // vm_id falls back to the host name.
+        assert!(c.identity_tags().contains(&("vm_id", "h".to_owned())));
+    }
+
+    #[test]
+    fn effective_toml_round_trips() {
+        let c = AgentConfig { csp: "aws".into(), ..AgentConfig::default() };
+        let text = c.to_toml();
+        let back = AgentConfig::from_toml(&text).expect("re-parse");
+        back.validate().expect("valid");
+        assert_eq!(back.csp, "aws");
+        assert_eq!(back.agent_id, Some(c.effective_agent_id()));
+    }
+
+    #[test]
+    fn example_file_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+        let c = AgentConfig::load(&path).expect("example loads");
+        c.validate().expect("example validates");
+        assert_eq!(c.collector, "http://127.0.0.1:4317");
+        // Every key is documented in the example, set or commented out.
+        let text = std::fs::read_to_string(&path).expect("read");
+        let full = AgentConfig {
+            agent_id: Some("x".into()),
+            state_dir: Some("/x".into()),
+            ..AgentConfig::default()
+        };
+        let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
+        for key in table.keys() {
+            assert!(
+                text.lines().any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{key} = "))),
+                "{key} missing from agent.example.toml"
+            );
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! End-to-end tests of the push path and of [`crate::run`] against the in-process [`FakeCollector`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use damselfly_proto::v1::{Field, Point, WriteBatch, field};
+use tokio::sync::mpsc;
+
+use crate::fake_collector::FakeCollector;
+use crate::push::{PushSettings, Pusher};
+use crate::queue::MemoryQueue;
+use crate::stats::{AgentStats, Counters};
+use crate::{AgentConfig, config};
+
+fn settings(addr: SocketAddr) -> PushSettings {
+    PushSettings {
+        collector: format!("http://{addr}"),
+        max_in_flight: 4,
+        connect_timeout: Duration::from_secs(1),
+        ack_timeout: Duration::from_millis(500),
+        backoff_initial: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(200),
+    }
+}
+
+fn batches(seqs: std::ops::RangeInclusive<u64>) -> Vec<WriteBatch> {
+    seqs.map(|seq| WriteBatch {
+        agent_id: "agent-test".into(),
+        seq,
+        common_tags: Vec::new(),
+        points: vec![Point {
+            measurement: "m".into(),
+            tags: Vec::new(),
+            fields: vec![Field { key: "v".into(), value: Some(field::Value::U64(seq)) }],
+            time_unix_nano: 1,
+        }],
+    })
+    .collect()
+}
+
+/// Pushes `input` through a fresh pusher (pending bound `cap`), waiting `pause` before closing the input, and
+/// returns the stats once everything is acknowledged.
+async fn push_all(settings: PushSettings, cap: usize, input: Vec<WriteBatch>, before_close: Duration) -> AgentStats {
+    let counters = Arc::new(Counters::default());
+    let pusher = Pusher::new(settings, MemoryQueue::new(cap), Arc::clone(&counters)).expect("pusher");
+    let (tx, rx) = mpsc::channel(input.len().max(1));
+    let task = tokio::spawn(pusher.run(rx));
+    for b in input {
+        tx.send(b).await.expect("send");
+    }
+    tokio::time::sleep(before_close).await;
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(20), task).await.expect("push finished in time").expect("no panic");
+    counters.snapshot()
+}
+
+fn stored_seqs(c: &FakeCollector) -> Vec<u64> {
+    c.state().stored.keys().copied().collect()
+}
+
+#[tokio::test]
+async fn every_batch_stored_once_in_order_with_zstd() {
+    let collector = FakeCollector::default();
+    let (addr, _stop) = collector.start().await;
+    let stats = push_all(settings(addr), 100, batches(1..=25), Duration::ZERO).await;
+    assert_eq!(stored_seqs(&collector), (1..=25).collect::<Vec<_>>());
+    let s = collector.state();
+    assert_eq!(s.received, (1..=25).collect::<Vec<_>>(), "sent in seq order, once");
+    assert!(s.encodings.iter().all(|e| e == "zstd"), "{:?}", s.encodings);
+    assert_eq!((stats.batches_stored, stats.batches_sent, stats.batches_resent), (25, 25, 0));
+    assert_eq!((stats.push_failures, stats.pending_at_exit), (0, 0));
+}
+
+#[tokio::test]
+async fn retry_ack_resends_after_retry_after() {
+    let collector = FakeCollector::default();
+    {
+        let mut s = collector.state();
+        s.retries_left = 2;
+        s.retry_after_ms = 50;
+    }
+    let (addr, _stop) = collector.start().await;
+    let started = std::time::Instant::now();
+    let stats = push_all(settings(addr), 100, batches(1..=10), Duration::ZERO).await;
+    // With several batches in flight, both RETRY answers may arrive on the first stream (the agent drops it at the
+    // first one and may not read the second), or one on each of two streams.
+    assert!(started.elapsed() >= Duration::from_millis(50), "waited retry_after_ms");
+    assert_eq!(stored_seqs(&collector), (1..=10).collect::<Vec<_>>());
+    assert!((1..=2).contains(&stats.retry_acks), "{stats:?}");
+    assert!(stats.batches_resent >= 1, "{stats:?}");
+    assert_eq!(stats.batches_stored, 10);
+    assert_eq!(collector.state().streams as u64, stats.retry_acks + 1);
+}
+
+#[tokio::test]
+async fn lost_ack_is_resent_and_deduplicated() {
+    let collector = FakeCollector::default();
+    collector.state().drop_after = Some(5);
+    let (addr, _stop) = collector.start().await;
+    let stats = push_all(settings(addr), 100, batches(1..=12), Duration::ZERO).await;
+    assert_eq!(stored_seqs(&collector), (1..=12).collect::<Vec<_>>(), "no loss");
+    // Seq 5 was stored but its ack lost: the resend is answered DUPLICATE.
+    assert_eq!(stats.batches_duplicate, 1, "{stats:?}");
+    assert_eq!(stats.push_failures, 1);
+    let received = collector.state().received.clone();
+    assert_eq!(received.iter().filter(|&&s| s == 5).count(), 2, "{received:?}");
+    assert_eq!(stats.pending_at_exit, 0);
+}
+
+#[tokio::test]
+async fn silent_collector_times_out_and_stream_is_replaced() {
+    let collector = FakeCollector::default();
+    collector.state().silent_streams_left = 1;
+    let (addr, _stop) = collector.start().await;
+    let stats = push_all(settings(addr), 100, batches(1..=6), Duration::ZERO).await;
+    assert_eq!(stored_seqs(&collector), (1..=6).collect::<Vec<_>>());
+    assert_eq!(stats.push_failures, 1, "ack timeout: {stats:?}");
+    assert!(stats.batches_resent >= 1);
+}
+
+#[tokio::test]
+async fn rejected_batch_is_dropped_not_resent() {
+    let collector = FakeCollector::default();
+    collector.state().reject.insert(3);
+    let (addr, _stop) = collector.start().await;
+    let stats = push_all(settings(addr), 100, batches(1..=5), Duration::ZERO).await;
+    assert_eq!(stored_seqs(&collector), [1, 2, 4, 5]);
+    assert_eq!(collector.state().received, [1, 2, 3, 4, 5]);
+    assert_eq!((stats.batches_rejected, stats.batches_stored, stats.push_failures), (1, 4, 0));
+}
+
+/// A port nobody listens on (yet).
+async fn free_addr() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn collector_down_at_start_then_up_delivers_everything() {
+    let addr = free_addr().await;
+    let collector = FakeCollector::default();
+    let c = collector.clone();
+    let starter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        c.serve(listener)
+    });
+    let stats = push_all(settings(addr), 100, batches(1..=8), Duration::ZERO).await;
+    let _stop = starter.await.expect("starter");
+    assert_eq!(stored_seqs(&collector), (1..=8).collect::<Vec<_>>());
+    assert!(stats.push_failures >= 1, "{stats:?}");
+    assert_eq!(stats.batches_dropped, 0);
+}
+
+#[tokio::test]
+async fn outage_longer_than_the_queue_drops_oldest() {
+    let addr = free_addr().await;
+    let collector = FakeCollector::default();
+    let c = collector.clone();
+    let starter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+        c.serve(listener)
+    });
+    // All 10 batches reach the queue (bound 3) while the collector is down.
+    let stats = push_all(settings(addr), 3, batches(1..=10), Duration::from_millis(100)).await;
+    let _stop = starter.await.expect("starter");
+    assert_eq!(stored_seqs(&collector), [8, 9, 10]);
+    assert_eq!(stats.batches_dropped, 7);
+}
+
+#[tokio::test]
+async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
+    let collector = FakeCollector::default();
+    let (addr, _stop) = collector.start().await;
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig {
+        collector: format!("http://{addr}"),
+        interval: 1,
+        ns_id: "ns1".into(),
+        mcis_id: "mcis1".into(),
+        vm_id: "vm1".into(),
+        csp: "aws".into(),
+        region: "ap-northeast-2".into(),
+        zone: "ap-northeast-2a".into(),
+        batch_max_points: 7,
+        state_dir: Some(state_dir.path().to_owned()),
+        ..AgentConfig::default()
+    };
+    let agent_id = config.effective_agent_id();
+    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(1800))).await.expect("run");
+    assert!(stats.rounds >= 2, "{stats:?}");
+    assert_eq!(stats.pending_at_exit, 0, "flushed: {stats:?}");
+    assert_eq!(stats.batches_stored, stats.batches_created);
+
+    let s = collector.state();
+    let seqs: Vec<u64> = s.stored.keys().copied().collect();
+    assert_eq!(seqs, (1..=stats.batches_created).collect::<Vec<_>>(), "fresh state dir starts at 1");
+    let mut measurements = std::collections::BTreeSet::new();
+    for b in s.stored.values() {
+        assert_eq!(b.agent_id, agent_id);
+        assert!(!b.points.is_empty() && b.points.len() <= 7);
+        let keys: Vec<&str> = b.common_tags.iter().map(|t| t.key.as_str()).collect();
+        assert_eq!(keys, config::IDENTITY_TAG_KEYS);
+        assert!(b.common_tags.iter().any(|t| t.key == "region" && t.value == "ap-northeast-2"));
+        measurements.extend(b.points.iter().map(|p| p.measurement.clone()));
+    }
+    for m in crate::probes::MEASUREMENTS {
+        assert!(measurements.contains(m), "{m} missing: {measurements:?}");
+    }
+}
+
+#[tokio::test]
+async fn run_with_collector_down_returns_after_bounded_flush() {
+    let addr = free_addr().await;
+    let config = AgentConfig { collector: format!("http://{addr}"), interval: 1, ..AgentConfig::default() };
+    let started = std::time::Instant::now();
+    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(300))).await.expect("run");
+    let took = started.elapsed();
+    assert!(took < crate::FLUSH_TIMEOUT + Duration::from_secs(2), "{took:?}");
+    assert!(stats.rounds >= 1);
+    assert!(stats.pending_at_exit >= 1, "{stats:?}");
+    assert_eq!(stats.batches_stored, 0);
+}

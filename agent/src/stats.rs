@@ -1,0 +1,74 @@
+//! Counters shared by the collection loop and the push task, and their snapshot [`AgentStats`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// What an agent did, returned by [`crate::run`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AgentStats {
+    /// Collection rounds completed.
+    pub rounds: u64,
+    /// Points collected.
+    pub points_collected: u64,
+    /// Batches made (each with a new seq).
+    pub batches_created: u64,
+    /// Batches written to a stream, resends included.
+    pub batches_sent: u64,
+    /// Sends of a batch that had been sent before (after a RETRY or a broken stream).
+    pub batches_resent: u64,
+    /// Batches acknowledged STORED.
+    pub batches_stored: u64,
+    /// Batches acknowledged DUPLICATE (stored by an earlier send).
+    pub batches_duplicate: u64,
+    /// Batches acknowledged REJECTED and dropped.
+    pub batches_rejected: u64,
+    /// Batches evicted from a full pending queue, never delivered.
+    pub batches_dropped: u64,
+    /// RETRY acknowledgements received.
+    pub retry_acks: u64,
+    /// Connection attempts or streams that failed.
+    pub push_failures: u64,
+    /// Batches still unacknowledged when the agent stopped (lost: there is no disk spool yet).
+    pub pending_at_exit: u64,
+}
+
+/// Live counters; see [`AgentStats`] for their meaning.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) rounds: AtomicU64,
+    pub(crate) points_collected: AtomicU64,
+    pub(crate) batches_created: AtomicU64,
+    pub(crate) batches_sent: AtomicU64,
+    pub(crate) batches_resent: AtomicU64,
+    pub(crate) batches_stored: AtomicU64,
+    pub(crate) batches_duplicate: AtomicU64,
+    pub(crate) batches_rejected: AtomicU64,
+    pub(crate) batches_dropped: AtomicU64,
+    pub(crate) retry_acks: AtomicU64,
+    pub(crate) push_failures: AtomicU64,
+    /// Gauge: current pending-queue length.
+    pub(crate) pending: AtomicU64,
+}
+
+/// `counter += 1`.
+pub(crate) fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> AgentStats {
+        AgentStats {
+            rounds: self.rounds.load(Relaxed),
+            points_collected: self.points_collected.load(Relaxed),
+            batches_created: self.batches_created.load(Relaxed),
+            batches_sent: self.batches_sent.load(Relaxed),
+            batches_resent: self.batches_resent.load(Relaxed),
+            batches_stored: self.batches_stored.load(Relaxed),
+            batches_duplicate: self.batches_duplicate.load(Relaxed),
+            batches_rejected: self.batches_rejected.load(Relaxed),
+            batches_dropped: self.batches_dropped.load(Relaxed),
+            retry_acks: self.retry_acks.load(Relaxed),
+            push_failures: self.push_failures.load(Relaxed),
+            pending_at_exit: self.pending.load(Relaxed),
+        }
+    }
+}

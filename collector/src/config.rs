@@ -1,0 +1,158 @@
+//! Typed collector configuration with documented defaults and validation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CollectorError, Result};
+
+/// When the WAL is made durable before a batch is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WalSync {
+    /// fsync after every group commit, before any acknowledgement (the default; survives power loss).
+    #[default]
+    Fsync,
+    /// Write to the OS only: survives a process crash, not a power loss. For benchmarks and throw-away setups.
+    None,
+}
+
+/// Configuration of one collector (one shard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    /// Root of the local store: `wal/`, `data/` (Parquet) and `state/` live below it. Default `./damselfly-data`.
+    pub data_dir: PathBuf,
+    /// gRPC ingest address. Default `127.0.0.1:4317`; port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// HTTP API address. Default `127.0.0.1:8086`; port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// This shard's id; it prefixes every file the shard writes. Default `s0`.
+    pub shard_id: String,
+    /// Durability policy of the WAL. Default `fsync`.
+    pub wal_sync: WalSync,
+    /// Flush the buffer to Parquet at least this often (seconds). Default 60.
+    pub flush_interval_secs: u64,
+    /// Flush early once the buffer holds this many bytes (estimated). Default 64 MiB.
+    pub flush_buffer_bytes: usize,
+    /// Refuse new writes ("retry later") while buffered bytes exceed this. Default 512 MiB.
+    pub max_buffer_bytes: usize,
+    /// Largest gRPC message accepted (bytes, after decompression). Default 16 MiB.
+    pub max_grpc_message_bytes: usize,
+    /// Most points in one batch. Default 100,000.
+    pub max_batch_points: usize,
+    /// Largest SQL request body (bytes). Default 1 MiB.
+    pub max_sql_bytes: usize,
+    /// Queries are cancelled after this many seconds. Default 60.
+    pub query_timeout_secs: u64,
+    /// Memory available to one query's operators (bytes). Default 1 GiB.
+    pub query_memory_bytes: usize,
+    /// Maximum rows per Parquet row group. Default 131,072.
+    pub parquet_row_group_rows: usize,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            data_dir: PathBuf::from("./damselfly-data"),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8086)),
+            shard_id: "s0".to_string(),
+            wal_sync: WalSync::Fsync,
+            flush_interval_secs: 60,
+            flush_buffer_bytes: 64 << 20,
+            max_buffer_bytes: 512 << 20,
+            max_grpc_message_bytes: 16 << 20,
+            max_batch_points: 100_000,
+            max_sql_bytes: 1 << 20,
+            query_timeout_secs: 60,
+            query_memory_bytes: 1 << 30,
+            parquet_row_group_rows: 128 * 1024,
+        }
+    }
+}
+
+impl CollectorConfig {
+    /// Checks every value and says which one is wrong and why.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CollectorError::Config(m));
+        if self.shard_id.is_empty()
+            || self.shard_id.len() > 64
+            || !self
+                .shard_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad(format!(
+                "shard_id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
+                self.shard_id
+            ));
+        }
+        if self.flush_interval_secs == 0 {
+            return bad("flush_interval_secs must be at least 1".into());
+        }
+        if self.flush_buffer_bytes == 0 || self.flush_buffer_bytes > self.max_buffer_bytes {
+            return bad(format!(
+                "flush_buffer_bytes ({}) must be between 1 and max_buffer_bytes ({})",
+                self.flush_buffer_bytes, self.max_buffer_bytes
+            ));
+        }
+        if self.max_grpc_message_bytes < 1024 {
+            return bad("max_grpc_message_bytes must be at least 1024".into());
+        }
+        if self.max_batch_points == 0 {
+            return bad("max_batch_points must be at least 1".into());
+        }
+        if self.query_timeout_secs == 0 {
+            return bad("query_timeout_secs must be at least 1".into());
+        }
+        if self.parquet_row_group_rows < 1024 {
+            return bad("parquet_row_group_rows must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_secs(self.flush_interval_secs)
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data_dir.join("wal")
+    }
+
+    pub fn tables_dir(&self) -> PathBuf {
+        self.data_dir.join("data")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir.join("state")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(CollectorConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let config = CollectorConfig {
+            shard_id: "a/b".into(),
+            ..CollectorConfig::default()
+        };
+        let err = config.validate().expect_err("slash in shard id");
+        assert!(err.to_string().contains("shard_id"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = toml::from_str::<CollectorConfig>("data_dri = \"x\"").expect_err("typo");
+        assert!(err.to_string().contains("data_dri"), "{err}");
+    }
+}

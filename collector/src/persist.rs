@@ -1,0 +1,396 @@
+//! Persistence: turning buffered rows into Parquet files, and the index of files already in the store.
+//!
+//! Layout (documented for other engines in docs/ARCHITECTURE.md):
+//! `data/<table>/date=YYYY-MM-DD/hour=HH/<shard>-<walseq:020>.parquet`. `walseq` is the last WAL sequence whose
+//! rows the file includes: on start-up, WAL records at or below the highest `walseq` of a partition are not
+//! replayed into that partition again, which makes replay idempotent even after a crash in the middle of a flush.
+//! Rows are sorted by series (tags in name order) then time; zstd; dictionary-encoded tags; delta-encoded time.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, new_null_array};
+use arrow::compute::{cast, concat_batches, take_record_batch};
+use arrow::datatypes::SchemaRef;
+use arrow::row::{RowConverter, SortField};
+use chrono::{DateTime, Timelike};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, Encoding, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::catalog::TableSchema;
+use crate::error::{CollectorError, Result};
+use crate::fsutil::{sync_dir, temp_path};
+use crate::model::{TIME_COLUMN, tag_data_type};
+
+const NANOS_PER_HOUR: i64 = 3_600_000_000_000;
+const META_WAL_SEQ: &str = "damselfly.wal_seq";
+const META_MIN_TIME: &str = "damselfly.min_time";
+const META_MAX_TIME: &str = "damselfly.max_time";
+
+/// One Parquet file of the store.
+#[derive(Debug, Clone)]
+pub struct ParquetFile {
+    pub path: PathBuf,
+    pub table: String,
+    /// Hours since the epoch of the file's partition.
+    pub hour: i64,
+    pub wal_seq: u64,
+    pub rows: u64,
+    pub min_time: i64,
+    pub max_time: i64,
+    pub bytes: u64,
+}
+
+/// Every Parquet file of the store, by table.
+#[derive(Debug, Default, Clone)]
+pub struct FileIndex {
+    tables: BTreeMap<String, Vec<Arc<ParquetFile>>>,
+}
+
+impl FileIndex {
+    pub fn add(&mut self, file: ParquetFile) {
+        self.tables.entry(file.table.clone()).or_default().push(Arc::new(file));
+    }
+
+    pub fn files(&self, table: &str) -> &[Arc<ParquetFile>] {
+        self.tables.get(table).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn table_names(&self) -> impl Iterator<Item = &str> {
+        self.tables.keys().map(String::as_str)
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.tables.values().map(Vec::len).sum()
+    }
+
+    /// The highest WAL sequence persisted for (table, hour), 0 if none.
+    pub fn persisted_seq(&self, table: &str, hour: i64) -> u64 {
+        self.files(table)
+            .iter()
+            .filter(|f| f.hour == hour)
+            .map(|f| f.wal_seq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The highest WAL sequence in any file.
+    pub fn max_seq(&self) -> u64 {
+        self.tables
+            .values()
+            .flatten()
+            .map(|f| f.wal_seq)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The partition hour of a timestamp.
+pub fn hour_of(time_nanos: i64) -> i64 {
+    time_nanos.div_euclid(NANOS_PER_HOUR)
+}
+
+fn partition_dir(tables_dir: &Path, table: &str, hour: i64) -> PathBuf {
+    let secs = hour * 3600;
+    let (date, hh) = match DateTime::from_timestamp(secs, 0) {
+        Some(dt) => (dt.format("%Y-%m-%d").to_string(), dt.hour()),
+        None => ("invalid".to_string(), 0),
+    };
+    tables_dir
+        .join(table)
+        .join(format!("date={date}"))
+        .join(format!("hour={hh:02}"))
+}
+
+/// Reshapes a buffer chunk to the table schema: columns in schema order, missing columns as nulls.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    if batch.schema() == *schema {
+        return Ok(batch.clone());
+    }
+    let rows = batch.num_rows();
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(col) if col.data_type() == field.data_type() => Ok(col.clone()),
+            Some(col) => Ok(cast(col, field.data_type())?),
+            None => Ok(new_null_array(field.data_type(), rows)),
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Writer settings for time-series tables.
+pub fn writer_properties(schema: &SchemaRef, row_group_rows: usize, kv: Vec<KeyValue>) -> WriterProperties {
+    let mut builder = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .set_key_value_metadata(Some(kv));
+    let time = ColumnPath::from(TIME_COLUMN);
+    builder = builder
+        .set_column_dictionary_enabled(time.clone(), false)
+        .set_column_encoding(time, Encoding::DELTA_BINARY_PACKED);
+    for field in schema.fields() {
+        if *field.data_type() == tag_data_type() {
+            builder = builder.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
+        }
+    }
+    builder.build()
+}
+
+/// Writes one table's buffered chunks as Parquet, one file per hour partition. Files appear atomically
+/// (temp name, fsync, rename, fsync dir).
+pub fn write_table(
+    tables_dir: &Path,
+    shard_id: &str,
+    table: &str,
+    table_schema: &TableSchema,
+    chunks: &[RecordBatch],
+    wal_seq: u64,
+    row_group_rows: usize,
+) -> Result<Vec<ParquetFile>> {
+    let schema = table_schema.arrow_schema();
+    let conformed = chunks
+        .iter()
+        .map(|c| conform(c, &schema))
+        .collect::<Result<Vec<_>>>()?;
+    let all = concat_batches(&schema, &conformed)?;
+    if all.num_rows() == 0 {
+        return Ok(Vec::new());
+    }
+    let sorted = sort_for_storage(&all)?;
+    let times = time_column(&sorted)?;
+    let mut files = Vec::new();
+    let mut start = 0usize;
+    while start < sorted.num_rows() {
+        let hour = hour_of(times.value(start));
+        let mut end = start + 1;
+        while end < sorted.num_rows() && hour_of(times.value(end)) == hour {
+            end += 1;
+        }
+        let part = sorted.slice(start, end - start);
+        files.push(write_file(tables_dir, shard_id, table, hour, &part, wal_seq, row_group_rows)?);
+        start = end;
+    }
+    Ok(files)
+}
+
+fn time_column(batch: &RecordBatch) -> Result<&TimestampNanosecondArray> {
+    batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<TimestampNanosecondArray>()
+        .ok_or_else(|| CollectorError::Wal("first column is not the nanosecond time column".into()))
+}
+
+/// Sorts by (hour, tags in schema order, time) so each hour is contiguous and, within it, rows are ordered by
+/// series then time: runs of one series compress and prune well.
+fn sort_for_storage(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let times = time_column(batch)?;
+    let hours: ArrayRef = Arc::new(Int64Array::from_iter_values(times.values().iter().map(|t| hour_of(*t))));
+    let mut sort_columns = vec![hours];
+    let mut sort_fields = vec![SortField::new(arrow::datatypes::DataType::Int64)];
+    for (i, field) in schema.fields().iter().enumerate() {
+        if *field.data_type() == tag_data_type() {
+            sort_columns.push(batch.column(i).clone());
+            sort_fields.push(SortField::new(field.data_type().clone()));
+        }
+    }
+    sort_columns.push(batch.column(0).clone());
+    sort_fields.push(SortField::new(batch.column(0).data_type().clone()));
+    let converter = RowConverter::new(sort_fields)?;
+    let rows = converter.convert_columns(&sort_columns)?;
+    let mut indices: Vec<u32> = (0..batch.num_rows() as u32).collect();
+    indices.sort_unstable_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
+    let indices = arrow::array::UInt32Array::from(indices);
+    Ok(take_record_batch(batch, &indices)?)
+}
+
+fn write_file(
+    tables_dir: &Path,
+    shard_id: &str,
+    table: &str,
+    hour: i64,
+    batch: &RecordBatch,
+    wal_seq: u64,
+    row_group_rows: usize,
+) -> Result<ParquetFile> {
+    let dir = partition_dir(tables_dir, table, hour);
+    std::fs::create_dir_all(&dir).map_err(|e| CollectorError::io(&dir, e))?;
+    let path = dir.join(format!("{shard_id}-{wal_seq:020}.parquet"));
+    let tmp = temp_path(&path);
+    let times = time_column(batch)?;
+    let (min_time, max_time) = times
+        .values()
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
+    let kv = vec![
+        KeyValue::new(META_WAL_SEQ.to_string(), wal_seq.to_string()),
+        KeyValue::new(META_MIN_TIME.to_string(), min_time.to_string()),
+        KeyValue::new(META_MAX_TIME.to_string(), max_time.to_string()),
+    ];
+    let props = writer_properties(&batch.schema(), row_group_rows, kv);
+    let parquet_err = |e: parquet::errors::ParquetError| CollectorError::Parquet {
+        path: tmp.clone(),
+        message: e.to_string(),
+    };
+    let file = File::create(&tmp).map_err(|e| CollectorError::io(&tmp, e))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet_err)?;
+    writer.write(batch).map_err(parquet_err)?;
+    let file = writer.into_inner().map_err(parquet_err)?;
+    file.sync_all().map_err(|e| CollectorError::io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(|e| CollectorError::io(&path, e))?;
+    sync_dir(&dir)?;
+    let bytes = std::fs::metadata(&path).map_err(|e| CollectorError::io(&path, e))?.len();
+    Ok(ParquetFile {
+        path,
+        table: table.to_string(),
+        hour,
+        wal_seq,
+        rows: batch.num_rows() as u64,
+        min_time,
+        max_time,
+        bytes,
+    })
+}
+
+/// Reads one file's footer: its table schema and index entry.
+pub fn read_file_meta(path: &Path, table: &str) -> Result<(ParquetFile, TableSchema)> {
+    let parquet_err = |e: parquet::errors::ParquetError| CollectorError::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let file = File::open(path).map_err(|e| CollectorError::io(path, e))?;
+    let bytes = file.metadata().map_err(|e| CollectorError::io(path, e))?.len();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
+    let schema = TableSchema::from_arrow(builder.schema()).map_err(|m| CollectorError::Parquet {
+        path: path.to_path_buf(),
+        message: m,
+    })?;
+    let meta = builder.metadata().file_metadata();
+    let kv = |key: &str| -> Option<i64> {
+        meta.key_value_metadata()?
+            .iter()
+            .find(|kv| kv.key == key)?
+            .value
+            .as_deref()?
+            .parse()
+            .ok()
+    };
+    let missing = |what: &str| CollectorError::Parquet {
+        path: path.to_path_buf(),
+        message: format!("missing {what} metadata; not a Damselfly file"),
+    };
+    let wal_seq = kv(META_WAL_SEQ).ok_or_else(|| missing(META_WAL_SEQ))?;
+    let min_time = kv(META_MIN_TIME).ok_or_else(|| missing(META_MIN_TIME))?;
+    let max_time = kv(META_MAX_TIME).ok_or_else(|| missing(META_MAX_TIME))?;
+    Ok((
+        ParquetFile {
+            path: path.to_path_buf(),
+            table: table.to_string(),
+            hour: hour_of(min_time),
+            wal_seq: wal_seq.max(0) as u64,
+            rows: meta.num_rows().max(0) as u64,
+            min_time,
+            max_time,
+            bytes,
+        },
+        schema,
+    ))
+}
+
+/// Walks the store, removes leftovers of interrupted writes (`*.tmp`), and indexes every Parquet file.
+pub fn scan_store(tables_dir: &Path) -> Result<Vec<(ParquetFile, TableSchema)>> {
+    let mut out = Vec::new();
+    if !tables_dir.exists() {
+        return Ok(out);
+    }
+    for table_entry in std::fs::read_dir(tables_dir).map_err(|e| CollectorError::io(tables_dir, e))? {
+        let table_entry = table_entry.map_err(|e| CollectorError::io(tables_dir, e))?;
+        let Some(table) = table_entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !table_entry.path().is_dir() {
+            continue;
+        }
+        let mut stack = vec![table_entry.path()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| CollectorError::io(&dir, e))? {
+                let entry = entry.map_err(|e| CollectorError::io(&dir, e))?;
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if name.ends_with(".tmp") {
+                    tracing::info!(file = %path.display(), "removing leftover of an interrupted write");
+                    std::fs::remove_file(&path).map_err(|e| CollectorError::io(&path, e))?;
+                } else if name.ends_with(".parquet") {
+                    out.push(read_file_meta(&path, &table)?);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::Buffer;
+    use crate::catalog::Catalog;
+    use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
+
+    #[test]
+    fn writes_sorted_hour_partitions_and_reads_them_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hour0 = 1_700_000_000i64 / 3600 * 3600 * 1_000_000_000;
+        let mut points = Vec::new();
+        for (host, t) in [("b", hour0 + 5), ("a", hour0 + 9), ("a", hour0 + 1), ("a", hour0 + NANOS_PER_HOUR)] {
+            points.push(Point {
+                measurement: "cpu".into(),
+                tags: vec![Tag { key: "host".into(), value: host.into() }],
+                fields: vec![Field { key: "v".into(), value: Some(Value::F64(1.0)) }],
+                time_unix_nano: t,
+            });
+        }
+        let batch = WriteBatch { agent_id: "x".into(), seq: 1, common_tags: vec![], points };
+        let mut catalog = Catalog::default();
+        catalog.check_batch(&batch, &mut Default::default()).expect("schema");
+        catalog.add_column("cpu", "host", crate::model::ColumnKind::Tag).expect("host");
+        catalog
+            .add_column("cpu", "v", crate::model::ColumnKind::Field(crate::model::FieldType::F64))
+            .expect("v");
+        let mut buffer = Buffer::default();
+        buffer.append_batch(&batch, |_, _| true);
+        let chunks = buffer.table_mut("cpu").expect("cpu").snapshot();
+        let schema = catalog.table("cpu").expect("cpu");
+        let files = write_table(dir.path(), "s0", "cpu", schema, &chunks, 42, 1024).expect("write");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].rows, 3);
+        assert!(files[0].path.to_string_lossy().contains("/cpu/date=2023-11-14/hour=22/s0-"));
+        let scanned = scan_store(dir.path()).expect("scan");
+        assert_eq!(scanned.len(), 2);
+        let (meta, table_schema) = read_file_meta(&files[0].path, "cpu").expect("meta");
+        assert_eq!(meta.wal_seq, 42);
+        assert_eq!(meta.min_time, hour0 + 1);
+        assert!(table_schema.get("host").is_some());
+        // Sorted by series then time.
+        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&files[0].path).expect("open"))
+            .expect("reader")
+            .build()
+            .expect("build");
+        let batches: Vec<_> = reader.collect::<std::result::Result<_, _>>().expect("read");
+        let times = time_column(&batches[0]).expect("time");
+        assert_eq!(times.values().to_vec(), vec![hour0 + 1, hour0 + 9, hour0 + 5]);
+    }
+}
