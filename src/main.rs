@@ -1,1 +1,417 @@
-fn main() {}
+//! `damselfly`: the command line. It parses flags and wires the crates together; the work is in them.
+//!
+//! * `damselfly up` — a collector on a local store plus an agent for this machine, in one process.
+//! * `damselfly collector` — the collector alone.
+//! * `damselfly sql "SELECT ..."` — runs SQL on a collector and prints the result.
+//!
+//! Exit codes: 0 success, 1 runtime failure (or a query error), 2 invalid configuration or usage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use damselfly_agent::AgentConfig;
+use damselfly_collector::config::WalSync;
+use damselfly_collector::{Collector, CollectorConfig};
+use tokio::sync::watch;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "damselfly",
+    version,
+    about = "Damselfly: multi-cloud VM monitoring — collector, SQL and agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a collector on a local store and an agent for this machine, in one process.
+    Up {
+        #[command(flatten)]
+        collector: CollectorArgs,
+        /// Seconds between the local agent's collection rounds.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        interval: u64,
+    },
+    /// Run a collector (gRPC ingest, WAL, Parquet store, SQL over HTTP).
+    Collector {
+        #[command(flatten)]
+        collector: CollectorArgs,
+    },
+    /// Run one SQL statement on a collector and print the result.
+    Sql(SqlArgs),
+}
+
+#[derive(Debug, Args)]
+struct CollectorArgs {
+    /// TOML config file (keys as in `CollectorConfig`); flags override it.
+    #[arg(long, value_name = "FILE", env = "DAMSELFLY_COLLECTOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the local store [default: ./damselfly-data].
+    #[arg(long, value_name = "DIR", env = "DAMSELFLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address (SQL, health) [default: 127.0.0.1:8086]; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+    /// gRPC ingest address [default: 127.0.0.1:4317]; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    grpc: Option<SocketAddr>,
+    /// Seconds between flushes of the buffer to Parquet [default: 60].
+    #[arg(long, value_name = "SECS")]
+    flush_interval: Option<u64>,
+    /// WAL durability: fsync (default) or none (survives a process crash, not a power loss).
+    #[arg(long, value_name = "POLICY")]
+    wal_sync: Option<WalSyncArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WalSyncArg {
+    Fsync,
+    None,
+}
+
+impl CollectorArgs {
+    fn config(&self) -> Result<CollectorConfig, String> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                toml::from_str::<CollectorConfig>(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => CollectorConfig::default(),
+        };
+        if let Some(v) = &self.data_dir {
+            c.data_dir.clone_from(v);
+        }
+        if let Some(v) = self.http {
+            c.http_addr = v;
+        }
+        if let Some(v) = self.grpc {
+            c.grpc_addr = v;
+        }
+        if let Some(v) = self.flush_interval {
+            c.flush_interval_secs = v;
+        }
+        if let Some(v) = self.wal_sync {
+            c.wal_sync = match v {
+                WalSyncArg::Fsync => WalSync::Fsync,
+                WalSyncArg::None => WalSync::None,
+            };
+        }
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Args)]
+struct SqlArgs {
+    /// The SQL statement; `-` reads it from stdin.
+    #[arg(value_name = "SQL")]
+    sql: String,
+    /// The collector's HTTP API.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DAMSELFLY_URL",
+        default_value = "http://127.0.0.1:8086"
+    )]
+    url: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    format: OutputFormat,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    /// An aligned table.
+    Table,
+    Csv,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("damselfly: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Up {
+                collector,
+                interval,
+            } => up(&collector, interval).await,
+            Command::Collector { collector } => collector_only(&collector).await,
+            Command::Sql(args) => sql(args).await,
+        }
+    })
+}
+
+/// Logs go to stderr; `RUST_LOG` filters, default `info`.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn start_collector(args: &CollectorArgs) -> Result<Collector, ExitCode> {
+    let config = args.config().map_err(|e| {
+        eprintln!("damselfly: {e}");
+        ExitCode::from(2)
+    })?;
+    Collector::bind(config).await.map_err(|e| {
+        eprintln!("damselfly: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Says where things are. The `grpc:` and `http:` lines are stable: scripts and tests read them.
+fn print_endpoints(collector: &Collector, data_dir: &std::path::Path) {
+    let http = collector.http_addr();
+    println!("damselfly collector is up");
+    println!("  grpc: http://{}", collector.grpc_addr());
+    println!("  http: http://{http}");
+    println!("  data: {}", data_dir.display());
+    let url_flag = if http == SocketAddr::from(([127, 0, 0, 1], 8086)) {
+        String::new()
+    } else {
+        format!(" --url http://{http}")
+    };
+    println!(
+        "query it:  damselfly sql{url_flag} \"SELECT * FROM cpu WHERE cpu = 'cpu-total' ORDER BY time DESC LIMIT 5\""
+    );
+}
+
+async fn collector_only(args: &CollectorArgs) -> ExitCode {
+    let collector = match start_collector(args).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    print_endpoints(&collector, &collector.store().config().data_dir);
+    finish(collector.run(shutdown_signal()).await)
+}
+
+async fn up(args: &CollectorArgs, interval: u64) -> ExitCode {
+    let collector = match start_collector(args).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let data_dir = collector.store().config().data_dir.clone();
+    let agent_config = AgentConfig {
+        collector: format!("http://{}", collector.grpc_addr()),
+        interval,
+        state_dir: Some(data_dir.join("agent")),
+        ..AgentConfig::default()
+    };
+    if let Err(e) = agent_config.validate() {
+        eprintln!("damselfly: {e}");
+        return ExitCode::from(2);
+    }
+    print_endpoints(&collector, &data_dir);
+    println!("  agent: this machine, every {interval} s");
+
+    // Stop order: the agent first (it delivers what it holds), then the collector (which flushes).
+    let (stop_agent_tx, stop_agent_rx) = watch::channel(false);
+    let (stop_collector_tx, stop_collector_rx) = watch::channel(false);
+    let collector_task = tokio::spawn(collector.run(wait_for(stop_collector_rx)));
+    let mut agent_task = tokio::spawn(damselfly_agent::run(agent_config, wait_for(stop_agent_rx)));
+
+    let mut agent_failed = false;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        r = &mut agent_task => {
+            agent_failed = true;
+            report_agent(r);
+        }
+    }
+    let _ = stop_agent_tx.send(true);
+    if !agent_failed {
+        report_agent(agent_task.await);
+    }
+    let _ = stop_collector_tx.send(true);
+    let result = collector_task
+        .await
+        .unwrap_or_else(|e| Err(damselfly_collector::CollectorError::Server(e.to_string())));
+    if agent_failed {
+        let _ = finish(result);
+        return ExitCode::FAILURE;
+    }
+    finish(result)
+}
+
+fn report_agent(
+    r: Result<
+        Result<damselfly_agent::AgentStats, damselfly_agent::AgentError>,
+        tokio::task::JoinError,
+    >,
+) {
+    match r {
+        Ok(Ok(stats)) => tracing::info!(?stats, "local agent stopped"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "local agent failed");
+            eprintln!("damselfly: local agent: {e}");
+        }
+        Err(e) => eprintln!("damselfly: local agent task: {e}"),
+    }
+}
+
+fn finish(result: damselfly_collector::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Completes on Ctrl-C, or on SIGTERM on Unix.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    () = ctrl_c() => {}
+                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops damselfly")
+            }
+        }
+    }
+    ctrl_c().await;
+}
+
+async fn ctrl_c() {
+    match tokio::signal::ctrl_c().await {
+        Ok(()) => tracing::info!("Ctrl-C received; shutting down"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn sql(args: SqlArgs) -> ExitCode {
+    match run_sql(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(SqlFailure { message, code }) => {
+            eprintln!("damselfly sql: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct SqlFailure {
+    message: String,
+    code: u8,
+}
+
+fn failure(code: u8) -> impl Fn(String) -> SqlFailure {
+    move |message| SqlFailure { message, code }
+}
+
+async fn run_sql(args: &SqlArgs) -> Result<(), SqlFailure> {
+    let text = if args.sql == "-" {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| failure(2)(format!("cannot read SQL from stdin: {e}")))?
+    } else {
+        args.sql.clone()
+    };
+    let wire = match args.format {
+        OutputFormat::Table => "arrow",
+        OutputFormat::Csv => "csv",
+        OutputFormat::Json => "json",
+    };
+    let base = args.url.trim_end_matches('/');
+    let url = format!("{base}/api/v1/sql?format={wire}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout))
+        .no_proxy()
+        .build()
+        .map_err(|e| failure(1)(format!("cannot build the HTTP client: {e}")))?;
+    let response = client
+        .post(&url)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(text)
+        .send()
+        .await
+        .map_err(|e| {
+            failure(1)(format!(
+                "cannot reach the collector at {base}: {e} (is `damselfly up` running?)"
+            ))
+        })?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| failure(1)(format!("cannot read the response from {base}: {e}")))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(failure(1)(format!("{status}: {message}")));
+    }
+    let output = match args.format {
+        OutputFormat::Table => render_table(&body).map_err(failure(1))?,
+        OutputFormat::Csv | OutputFormat::Json => body.to_vec(),
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&output).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // `damselfly sql ... | head` closing the pipe is not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(failure(1)(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// An Arrow IPC stream as an aligned text table, with the row count under it.
+fn render_table(ipc: &[u8]) -> Result<Vec<u8>, String> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+        .map_err(|e| format!("the collector sent an unreadable Arrow stream: {e}"))?;
+    let schema = reader.schema();
+    let batches = reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the collector sent an unreadable Arrow stream: {e}"))?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let table = if batches.is_empty() {
+        arrow::util::pretty::pretty_format_batches(&[arrow::record_batch::RecordBatch::new_empty(
+            schema,
+        )])
+    } else {
+        arrow::util::pretty::pretty_format_batches(&batches)
+    }
+    .map_err(|e| format!("cannot format the result: {e}"))?;
+    let noun = if rows == 1 { "row" } else { "rows" };
+    Ok(format!("{table}\n({rows} {noun})\n").into_bytes())
+}

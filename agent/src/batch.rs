@@ -16,8 +16,18 @@ pub struct Batcher {
 
 impl Batcher {
     /// `max_points` below 1 is treated as 1.
-    pub fn new(agent_id: String, common_tags: Vec<Tag>, max_points: usize, seq: SeqAllocator) -> Self {
-        Self { agent_id, common_tags, max_points: max_points.max(1), seq }
+    pub fn new(
+        agent_id: String,
+        common_tags: Vec<Tag>,
+        max_points: usize,
+        seq: SeqAllocator,
+    ) -> Self {
+        Self {
+            agent_id,
+            common_tags,
+            max_points: max_points.max(1),
+            seq,
+        }
     }
 
     /// Splits `points` into batches of at most `max_points`, in order, with strictly increasing seqs. No points, no
@@ -44,25 +54,45 @@ mod tests {
 
     fn pts(n: usize) -> Vec<Point> {
         (0..n)
-            .map(|i| Point { measurement: format!("m{i}"), time_unix_nano: i as i64, ..Point::default() })
+            .map(|i| Point {
+                measurement: format!("m{i}"),
+                time_unix_nano: i as i64,
+                ..Point::default()
+            })
             .collect()
     }
 
     #[test]
     fn splits_at_max_points_and_keeps_order() {
-        let tags = vec![Tag { key: "ns_id".into(), value: "ns".into() }];
+        let tags = vec![Tag {
+            key: "ns_id".into(),
+            value: "ns".into(),
+        }];
         let mut b = Batcher::new("a1".into(), tags.clone(), 3, SeqAllocator::starting_at(1));
         let batches = b.batches(pts(7));
         let sizes: Vec<usize> = batches.iter().map(|b| b.points.len()).collect();
         assert_eq!(sizes, [3, 3, 1]);
-        let names: Vec<&str> = batches.iter().flat_map(|b| &b.points).map(|p| p.measurement.as_str()).collect();
+        let names: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| &b.points)
+            .map(|p| p.measurement.as_str())
+            .collect();
         assert_eq!(names, ["m0", "m1", "m2", "m3", "m4", "m5", "m6"]);
-        assert!(batches.iter().all(|b| b.agent_id == "a1" && b.common_tags == tags));
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.agent_id == "a1" && b.common_tags == tags)
+        );
         assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2, 3]);
 
         // Exact multiple: no empty trailing batch; seq continues across rounds.
         let next = b.batches(pts(6));
-        assert_eq!(next.iter().map(|b| (b.seq, b.points.len())).collect::<Vec<_>>(), [(4, 3), (5, 3)]);
+        assert_eq!(
+            next.iter()
+                .map(|b| (b.seq, b.points.len()))
+                .collect::<Vec<_>>(),
+            [(4, 3), (5, 3)]
+        );
         assert!(b.batches(Vec::new()).is_empty());
         assert_eq!(b.batches(pts(1))[0].seq, 6);
     }

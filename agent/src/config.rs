@@ -133,7 +133,8 @@ impl AgentConfig {
         effective.vm_id = self.effective_vm_id().to_owned();
         effective.agent_id = Some(self.effective_agent_id());
         // Serializing plain strings, integers and paths cannot fail; fall back to Debug rather than panic.
-        toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render config: {e}\n# {effective:?}\n"))
+        toml::to_string_pretty(&effective)
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n# {effective:?}\n"))
     }
 
     /// Checks ranges and values; the error names the key.
@@ -145,24 +146,42 @@ impl AgentConfig {
             Some(("https", _)) => {
                 return invalid(
                     "collector",
-                    format!("is {:?}: TLS is not supported yet, use http://", self.collector),
+                    format!(
+                        "is {:?}: TLS is not supported yet, use http://",
+                        self.collector
+                    ),
                 );
             }
             _ => {
                 return invalid(
                     "collector",
-                    format!("must be a URL like http://127.0.0.1:4317, got {:?}", self.collector),
+                    format!(
+                        "must be a URL like http://127.0.0.1:4317, got {:?}",
+                        self.collector
+                    ),
                 );
             }
         }
         if tonic::transport::Endpoint::from_shared(self.collector.clone()).is_err() {
-            return invalid("collector", format!("is not a valid URL: {:?}", self.collector));
+            return invalid(
+                "collector",
+                format!("is not a valid URL: {:?}", self.collector),
+            );
         }
         if self.interval < 1 {
-            return invalid("interval", format!("must be at least 1 second, got {}", self.interval));
+            return invalid(
+                "interval",
+                format!("must be at least 1 second, got {}", self.interval),
+            );
         }
         if self.interval > 86_400 {
-            return invalid("interval", format!("must be at most 86400 seconds (one day), got {}", self.interval));
+            return invalid(
+                "interval",
+                format!(
+                    "must be at most 86400 seconds (one day), got {}",
+                    self.interval
+                ),
+            );
         }
         if self.batch_max_points < 1 {
             return invalid("batch_max_points", "must be at least 1, got 0".to_owned());
@@ -171,35 +190,60 @@ impl AgentConfig {
             return invalid("max_in_flight", "must be at least 1, got 0".to_owned());
         }
         if self.max_pending_batches < 1 {
-            return invalid("max_pending_batches", "must be at least 1, got 0".to_owned());
+            return invalid(
+                "max_pending_batches",
+                "must be at least 1, got 0".to_owned(),
+            );
         }
         if self.hostname.is_empty() {
-            return invalid("hostname", "must not be empty (the OS host name could not be read: set it)".to_owned());
+            return invalid(
+                "hostname",
+                "must not be empty (the OS host name could not be read: set it)".to_owned(),
+            );
         }
         if let Some(id) = &self.agent_id
             && (id.is_empty() || id.len() > 256)
         {
-            return invalid("agent_id", format!("must be 1..=256 bytes, got {} bytes", id.len()));
+            return invalid(
+                "agent_id",
+                format!("must be 1..=256 bytes, got {} bytes", id.len()),
+            );
         }
         for (key, value) in self.identity_tags_raw() {
             if value.len() > MAX_TAG_VALUE_BYTES {
-                return invalid(key, format!("is {} bytes, at most {MAX_TAG_VALUE_BYTES} allowed", value.len()));
+                return invalid(
+                    key,
+                    format!(
+                        "is {} bytes, at most {MAX_TAG_VALUE_BYTES} allowed",
+                        value.len()
+                    ),
+                );
             }
             if value.chars().any(char::is_control) {
-                return invalid(key, format!("must not contain control characters, got {value:?}"));
+                return invalid(
+                    key,
+                    format!("must not contain control characters, got {value:?}"),
+                );
             }
         }
         if let Some(dir) = &self.state_dir
             && dir.as_os_str().is_empty()
         {
-            return invalid("state_dir", "must not be empty (leave it out to keep no state)".to_owned());
+            return invalid(
+                "state_dir",
+                "must not be empty (leave it out to keep no state)".to_owned(),
+            );
         }
         Ok(())
     }
 
     /// `vm_id`, or the host name when it is not set.
     pub fn effective_vm_id(&self) -> &str {
-        if self.vm_id.is_empty() { &self.hostname } else { &self.vm_id }
+        if self.vm_id.is_empty() {
+            &self.hostname
+        } else {
+            &self.vm_id
+        }
     }
 
     /// The configured `agent_id`, or one derived from `hostname`, `ns_id`, `mcis_id` and the effective `vm_id`: a
@@ -209,7 +253,12 @@ impl AgentConfig {
             return id.clone();
         }
         let mut key = Vec::new();
-        for part in [self.hostname.as_str(), &self.ns_id, &self.mcis_id, self.effective_vm_id()] {
+        for part in [
+            self.hostname.as_str(),
+            &self.ns_id,
+            &self.mcis_id,
+            self.effective_vm_id(),
+        ] {
             // Length prefixes keep ("ab","c") and ("a","bc") apart.
             key.extend_from_slice(&(part.len() as u64).to_le_bytes());
             key.extend_from_slice(part.as_bytes());
@@ -227,8 +276,10 @@ impl AgentConfig {
 
     /// The nine identity tags (`ns_id`, ..., `agent_id`) with their effective values, in [`IDENTITY_TAG_KEYS`] order.
     pub fn identity_tags(&self) -> Vec<(&'static str, String)> {
-        let mut tags: Vec<(&'static str, String)> =
-            self.identity_tags_raw().map(|(k, v)| (k, v.to_owned())).collect();
+        let mut tags: Vec<(&'static str, String)> = self
+            .identity_tags_raw()
+            .map(|(k, v)| (k, v.to_owned()))
+            .collect();
         tags.push(("agent_id", self.effective_agent_id()));
         tags
     }
@@ -262,7 +313,9 @@ fn os_hostname() -> String {
 fn fnv1a_128(bytes: &[u8]) -> u128 {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013B;
-    bytes.iter().fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
+    bytes
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
 }
 
 #[cfg(test)]
@@ -287,7 +340,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_by_name() {
-        let err = AgentConfig::from_toml("interval = 5\ncolector = \"http://x:1\"\n").expect_err("must fail");
+        let err = AgentConfig::from_toml("interval = 5\ncolector = \"http://x:1\"\n")
+            .expect_err("must fail");
         let msg = err.to_string();
         assert!(msg.contains("colector"), "{msg}");
     }
@@ -313,34 +367,60 @@ mod tests {
         for (text, key) in cases {
             let c = AgentConfig::from_toml(text).expect("parses");
             match c.validate() {
-                Err(ConfigError::Invalid { key: k, reason }) => assert_eq!(k, key, "{text}: {reason}"),
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert_eq!(k, key, "{text}: {reason}")
+                }
                 other => panic!("{text}: expected Invalid({key}), got {other:?}"),
             }
         }
-        let c = AgentConfig { region: "a\nb".into(), ..AgentConfig::default() };
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "region", .. })));
-        let msg = AgentConfig { interval: 0, ..AgentConfig::default() }
-            .validate()
-            .expect_err("invalid")
-            .to_string();
-        assert!(msg.contains("`interval`") && msg.contains("at least 1"), "{msg}");
+        let c = AgentConfig {
+            region: "a\nb".into(),
+            ..AgentConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "region", .. })
+        ));
+        let msg = AgentConfig {
+            interval: 0,
+            ..AgentConfig::default()
+        }
+        .validate()
+        .expect_err("invalid")
+        .to_string();
+        assert!(
+            msg.contains("`interval`") && msg.contains("at least 1"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn agent_id_is_stable_and_depends_on_identity() {
-        let a = AgentConfig { hostname: "h1".into(), ..AgentConfig::default() };
+        let a = AgentConfig {
+            hostname: "h1".into(),
+            ..AgentConfig::default()
+        };
         let id = a.effective_agent_id();
         assert_eq!(id, a.clone().effective_agent_id());
         assert_eq!(id.len(), 36, "{id}");
-        let b = AgentConfig { vm_id: "vm-2".into(), ..a.clone() };
+        let b = AgentConfig {
+            vm_id: "vm-2".into(),
+            ..a.clone()
+        };
         assert_ne!(id, b.effective_agent_id());
-        let fixed = AgentConfig { agent_id: Some("me".into()), ..a };
+        let fixed = AgentConfig {
+            agent_id: Some("me".into()),
+            ..a
+        };
         assert_eq!(fixed.effective_agent_id(), "me");
     }
 
     #[test]
     fn identity_tags_cover_every_key() {
-        let c = AgentConfig { hostname: "h".into(), ..AgentConfig::default() };
+        let c = AgentConfig {
+            hostname: "h".into(),
+            ..AgentConfig::default()
+        };
         let keys: Vec<&str> = c.identity_tags().iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, IDENTITY_TAG_KEYS);
         // vm_id falls back to the host name.
@@ -349,7 +429,10 @@ mod tests {
 
     #[test]
     fn effective_toml_round_trips() {
-        let c = AgentConfig { csp: "aws".into(), ..AgentConfig::default() };
+        let c = AgentConfig {
+            csp: "aws".into(),
+            ..AgentConfig::default()
+        };
         let text = c.to_toml();
         let back = AgentConfig::from_toml(&text).expect("re-parse");
         back.validate().expect("valid");
@@ -370,10 +453,13 @@ mod tests {
             state_dir: Some("/x".into()),
             ..AgentConfig::default()
         };
-        let table: toml::Table = toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
+        let table: toml::Table =
+            toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
         for key in table.keys() {
             assert!(
-                text.lines().any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{key} = "))),
+                text.lines().any(|l| l
+                    .trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{key} = "))),
                 "{key} missing from agent.example.toml"
             );
         }

@@ -89,10 +89,19 @@ impl FakeCollector {
             });
         }
         if s.reject.contains(&seq) {
-            return Some(Ack { seq, status: AckStatus::Rejected as i32, message: "bad batch".into(), ..Ack::default() });
+            return Some(Ack {
+                seq,
+                status: AckStatus::Rejected as i32,
+                message: "bad batch".into(),
+                ..Ack::default()
+            });
         }
         if s.stored.contains_key(&seq) {
-            return Some(Ack { seq, status: AckStatus::Duplicate as i32, ..Ack::default() });
+            return Some(Ack {
+                seq,
+                status: AckStatus::Duplicate as i32,
+                ..Ack::default()
+            });
         }
         let points = batch.points.len() as u64;
         s.stored.insert(seq, batch);
@@ -100,7 +109,12 @@ impl FakeCollector {
             s.drop_after = None;
             return None;
         }
-        Some(Ack { seq, status: AckStatus::Stored as i32, points_stored: points, ..Ack::default() })
+        Some(Ack {
+            seq,
+            status: AckStatus::Stored as i32,
+            points_stored: points,
+            ..Ack::default()
+        })
     }
 }
 
@@ -108,7 +122,10 @@ impl FakeCollector {
 impl Ingest for FakeCollector {
     type PushStream = ReceiverStream<Result<Ack, Status>>;
 
-    async fn push(&self, request: Request<Streaming<WriteBatch>>) -> Result<Response<Self::PushStream>, Status> {
+    async fn push(
+        &self,
+        request: Request<Streaming<WriteBatch>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
         let encoding = request
             .metadata()
             .get("grpc-encoding")
@@ -141,7 +158,9 @@ impl Ingest for FakeCollector {
                         }
                     }
                     None => {
-                        let _ = tx.send(Err(Status::unavailable("fake collector drops the stream"))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable("fake collector drops the stream")))
+                            .await;
                         return;
                     }
                 }

@@ -68,7 +68,14 @@ pub enum AgentError {
 
 /// The identity tags of `config` as wire tags, for a batch's `common_tags`.
 pub fn common_tags(config: &AgentConfig) -> Vec<Tag> {
-    config.identity_tags().into_iter().map(|(key, value)| Tag { key: key.to_owned(), value }).collect()
+    config
+        .identity_tags()
+        .into_iter()
+        .map(|(key, value)| Tag {
+            key: key.to_owned(),
+            value,
+        })
+        .collect()
 }
 
 /// One collection round: the identity tags shared by all points, and the points.
@@ -116,26 +123,43 @@ impl Round {
 /// delta).
 pub fn collect_once(config: &AgentConfig) -> Result<Round, AgentError> {
     let mut probes = Probes::new()?;
-    Ok(Round { common_tags: common_tags(config), points: probes.collect() })
+    Ok(Round {
+        common_tags: common_tags(config),
+        points: probes.collect(),
+    })
 }
 
 /// Runs the agent: collects every `config.interval` and pushes to `config.collector` until `shutdown` completes,
 /// then tries for at most [`FLUSH_TIMEOUT`] to deliver what is still pending and returns the counters.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send) -> Result<AgentStats, AgentError> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<AgentStats, AgentError> {
     config.validate()?;
     let agent_id = config.effective_agent_id();
     let seq = match &config.state_dir {
-        Some(dir) => SeqAllocator::open(dir).map_err(|source| AgentError::State { path: dir.clone(), source })?,
+        Some(dir) => SeqAllocator::open(dir).map_err(|source| AgentError::State {
+            path: dir.clone(),
+            source,
+        })?,
         None => SeqAllocator::from_clock(),
     };
-    let mut batcher = Batcher::new(agent_id.clone(), common_tags(&config), config.batch_max_points, seq);
+    let mut batcher = Batcher::new(
+        agent_id.clone(),
+        common_tags(&config),
+        config.batch_max_points,
+        seq,
+    );
     let counters = Arc::new(Counters::default());
     let pusher = Pusher::new(
         PushSettings::from_config(&config),
         MemoryQueue::new(config.max_pending_batches),
         Arc::clone(&counters),
     )
-    .map_err(|e| ConfigError::Invalid { key: "collector", reason: e.to_string() })?;
+    .map_err(|e| ConfigError::Invalid {
+        key: "collector",
+        reason: e.to_string(),
+    })?;
 
     // Probe set-up reads /proc and sleeps for nothing, but keep it off the async threads all the same.
     let mut probes = Some(blocking(Probes::new).await??);
@@ -182,8 +206,14 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
 
     // Closing the channel tells the push task to finish once everything is acknowledged.
     drop(tx);
-    tracing::info!(pending = counters.pending.load(Relaxed), "shutting down; flushing pending batches");
-    if tokio::time::timeout(FLUSH_TIMEOUT, &mut push_task).await.is_err() {
+    tracing::info!(
+        pending = counters.pending.load(Relaxed),
+        "shutting down; flushing pending batches"
+    );
+    if tokio::time::timeout(FLUSH_TIMEOUT, &mut push_task)
+        .await
+        .is_err()
+    {
         push_task.abort();
         let _ = push_task.await;
         tracing::warn!(
@@ -197,8 +227,12 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()> + Send)
 }
 
 /// Runs blocking work (probes) on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| AgentError::Task(join_text(Some(e))))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(join_text(Some(e))))
 }
 
 fn join_text(e: Option<tokio::task::JoinError>) -> String {
@@ -215,10 +249,16 @@ mod tests {
 
     #[test]
     fn once_round_json_has_identity_tags() {
-        let config = AgentConfig { ns_id: "ns1".into(), csp: "aws".into(), ..AgentConfig::default() };
+        let config = AgentConfig {
+            ns_id: "ns1".into(),
+            csp: "aws".into(),
+            ..AgentConfig::default()
+        };
         let round = collect_once(&config).expect("collect");
-        let lines: Vec<serde_json::Value> =
-            round.json_lines().map(|l| serde_json::from_str(&l).expect("valid json")).collect();
+        let lines: Vec<serde_json::Value> = round
+            .json_lines()
+            .map(|l| serde_json::from_str(&l).expect("valid json"))
+            .collect();
         assert_eq!(lines.len(), round.points.len());
         for l in &lines {
             for key in config::IDENTITY_TAG_KEYS {
@@ -227,6 +267,10 @@ mod tests {
             assert_eq!(l["tags"]["ns_id"], "ns1");
             assert!(l["fields"].as_object().is_some_and(|f| !f.is_empty()));
         }
-        assert!(lines.iter().any(|l| l["measurement"] == "cpu" && l["tags"]["cpu"] == "cpu-total"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["measurement"] == "cpu" && l["tags"]["cpu"] == "cpu-total")
+        );
     }
 }

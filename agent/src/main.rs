@@ -11,7 +11,11 @@ use clap::Parser;
 use damselfly_agent::AgentConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "damselfly-agent", version, about = "Collects host metrics and pushes them to a Damselfly collector")]
+#[command(
+    name = "damselfly-agent",
+    version,
+    about = "Collects host metrics and pushes them to a Damselfly collector"
+)]
 struct Cli {
     /// TOML config file (see agent.example.toml).
     #[arg(long, short = 'c', value_name = "FILE", env = "DAMSELFLY_AGENT_CONFIG")]
@@ -111,7 +115,10 @@ fn main() -> ExitCode {
     }
 
     // One thread is plenty for one stream and a timer; probes run on the blocking pool.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("damselfly-agent: cannot start the async runtime: {e}");
@@ -155,7 +162,11 @@ fn once(config: &AgentConfig) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 /// Completes on Ctrl-C, or on SIGTERM on Unix (what systemd and `kill` send).
@@ -171,7 +182,9 @@ async fn shutdown_signal() {
                 }
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the agent"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the agent")
+            }
         }
     }
     ctrl_c().await;

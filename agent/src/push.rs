@@ -67,7 +67,11 @@ struct Backoff {
 impl Backoff {
     fn new(initial: Duration, max: Duration) -> Self {
         let initial = initial.max(Duration::from_millis(1));
-        Self { initial, max: max.max(initial), current: initial }
+        Self {
+            initial,
+            max: max.max(initial),
+            current: initial,
+        }
     }
 
     fn next_delay(&mut self) -> Duration {
@@ -125,7 +129,14 @@ impl<Q: BatchQueue> Pusher<Q> {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
         let backoff = Backoff::new(settings.backoff_initial, settings.backoff_max);
-        Ok(Self { endpoint, settings, queue, counters, backoff, max_sent: 0 })
+        Ok(Self {
+            endpoint,
+            settings,
+            queue,
+            counters,
+            backoff,
+            max_sent: 0,
+        })
     }
 
     /// Runs until `rx` is closed and the queue is empty. Cancel it (abort the task) to give up on pending batches.
@@ -249,12 +260,16 @@ impl<Q: BatchQueue> Pusher<Q> {
         cursor: &mut u64,
     ) -> Result<(), String> {
         while in_flight.len() < self.settings.max_in_flight.max(1) {
-            let Some(batch) = self.queue.next_after(*cursor) else { break };
+            let Some(batch) = self.queue.next_after(*cursor) else {
+                break;
+            };
             let seq = batch.seq;
             match tx.try_send(batch) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => break,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err("request stream closed".to_owned()),
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err("request stream closed".to_owned());
+                }
             }
             in_flight.push_back((seq, Instant::now()));
             *cursor = seq;
@@ -270,11 +285,17 @@ impl<Q: BatchQueue> Pusher<Q> {
     /// Applies one ack; `Some` ends the stream.
     fn on_ack(&mut self, ack: Ack, in_flight: &mut VecDeque<(u64, Instant)>) -> Option<SessionEnd> {
         let Some((expected, _)) = in_flight.pop_front() else {
-            return Some(SessionEnd::Failed(format!("ack for seq {} with nothing in flight", ack.seq)));
+            return Some(SessionEnd::Failed(format!(
+                "ack for seq {} with nothing in flight",
+                ack.seq
+            )));
         };
         if ack.seq != expected {
             // The contract says acks come in send order; resync by resending everything unacknowledged.
-            return Some(SessionEnd::Failed(format!("ack for seq {} but seq {expected} was next", ack.seq)));
+            return Some(SessionEnd::Failed(format!(
+                "ack for seq {} but seq {expected} was next",
+                ack.seq
+            )));
         }
         match AckStatus::try_from(ack.status) {
             Ok(AckStatus::Stored) => {
@@ -298,7 +319,10 @@ impl<Q: BatchQueue> Pusher<Q> {
                 });
             }
             Ok(AckStatus::Unspecified) | Err(_) => {
-                return Some(SessionEnd::Failed(format!("ack for seq {} has unknown status {}", ack.seq, ack.status)));
+                return Some(SessionEnd::Failed(format!(
+                    "ack for seq {} has unknown status {}",
+                    ack.seq, ack.status
+                )));
             }
         }
         None
@@ -320,13 +344,18 @@ impl<Q: BatchQueue> Pusher<Q> {
         let evicted = self.queue.push(batch);
         if !evicted.is_empty() {
             let n = evicted.len() as u64;
-            self.counters.batches_dropped.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            self.counters
+                .batches_dropped
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             let points: usize = evicted.iter().map(|b| b.points.len()).sum();
             tracing::warn!(
                 batches = n,
                 points,
                 oldest_seq = evicted.first().map_or(0, |b| b.seq),
-                total_dropped = self.counters.batches_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                total_dropped = self
+                    .counters
+                    .batches_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 "pending queue full; dropped the oldest batch"
             );
         }
@@ -334,7 +363,10 @@ impl<Q: BatchQueue> Pusher<Q> {
     }
 
     fn set_pending_gauge(&self) {
-        self.counters.pending.store(self.queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.counters.pending.store(
+            self.queue.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Waits `delay` while still taking new batches (so the bound, not the channel, absorbs an outage).

@@ -32,7 +32,10 @@ fn batches(seqs: std::ops::RangeInclusive<u64>) -> Vec<WriteBatch> {
         points: vec![Point {
             measurement: "m".into(),
             tags: Vec::new(),
-            fields: vec![Field { key: "v".into(), value: Some(field::Value::U64(seq)) }],
+            fields: vec![Field {
+                key: "v".into(),
+                value: Some(field::Value::U64(seq)),
+            }],
             time_unix_nano: 1,
         }],
     })
@@ -41,9 +44,15 @@ fn batches(seqs: std::ops::RangeInclusive<u64>) -> Vec<WriteBatch> {
 
 /// Pushes `input` through a fresh pusher (pending bound `cap`), waiting `pause` before closing the input, and
 /// returns the stats once everything is acknowledged.
-async fn push_all(settings: PushSettings, cap: usize, input: Vec<WriteBatch>, before_close: Duration) -> AgentStats {
+async fn push_all(
+    settings: PushSettings,
+    cap: usize,
+    input: Vec<WriteBatch>,
+    before_close: Duration,
+) -> AgentStats {
     let counters = Arc::new(Counters::default());
-    let pusher = Pusher::new(settings, MemoryQueue::new(cap), Arc::clone(&counters)).expect("pusher");
+    let pusher =
+        Pusher::new(settings, MemoryQueue::new(cap), Arc::clone(&counters)).expect("pusher");
     let (tx, rx) = mpsc::channel(input.len().max(1));
     let task = tokio::spawn(pusher.run(rx));
     for b in input {
@@ -51,7 +60,10 @@ async fn push_all(settings: PushSettings, cap: usize, input: Vec<WriteBatch>, be
     }
     tokio::time::sleep(before_close).await;
     drop(tx);
-    tokio::time::timeout(Duration::from_secs(20), task).await.expect("push finished in time").expect("no panic");
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("push finished in time")
+        .expect("no panic");
     counters.snapshot()
 }
 
@@ -66,9 +78,20 @@ async fn every_batch_stored_once_in_order_with_zstd() {
     let stats = push_all(settings(addr), 100, batches(1..=25), Duration::ZERO).await;
     assert_eq!(stored_seqs(&collector), (1..=25).collect::<Vec<_>>());
     let s = collector.state();
-    assert_eq!(s.received, (1..=25).collect::<Vec<_>>(), "sent in seq order, once");
+    assert_eq!(
+        s.received,
+        (1..=25).collect::<Vec<_>>(),
+        "sent in seq order, once"
+    );
     assert!(s.encodings.iter().all(|e| e == "zstd"), "{:?}", s.encodings);
-    assert_eq!((stats.batches_stored, stats.batches_sent, stats.batches_resent), (25, 25, 0));
+    assert_eq!(
+        (
+            stats.batches_stored,
+            stats.batches_sent,
+            stats.batches_resent
+        ),
+        (25, 25, 0)
+    );
     assert_eq!((stats.push_failures, stats.pending_at_exit), (0, 0));
 }
 
@@ -85,7 +108,10 @@ async fn retry_ack_resends_after_retry_after() {
     let stats = push_all(settings(addr), 100, batches(1..=10), Duration::ZERO).await;
     // With several batches in flight, both RETRY answers may arrive on the first stream (the agent drops it at the
     // first one and may not read the second), or one on each of two streams.
-    assert!(started.elapsed() >= Duration::from_millis(50), "waited retry_after_ms");
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "waited retry_after_ms"
+    );
     assert_eq!(stored_seqs(&collector), (1..=10).collect::<Vec<_>>());
     assert!((1..=2).contains(&stats.retry_acks), "{stats:?}");
     assert!(stats.batches_resent >= 1, "{stats:?}");
@@ -99,12 +125,20 @@ async fn lost_ack_is_resent_and_deduplicated() {
     collector.state().drop_after = Some(5);
     let (addr, _stop) = collector.start().await;
     let stats = push_all(settings(addr), 100, batches(1..=12), Duration::ZERO).await;
-    assert_eq!(stored_seqs(&collector), (1..=12).collect::<Vec<_>>(), "no loss");
+    assert_eq!(
+        stored_seqs(&collector),
+        (1..=12).collect::<Vec<_>>(),
+        "no loss"
+    );
     // Seq 5 was stored but its ack lost: the resend is answered DUPLICATE.
     assert_eq!(stats.batches_duplicate, 1, "{stats:?}");
     assert_eq!(stats.push_failures, 1);
     let received = collector.state().received.clone();
-    assert_eq!(received.iter().filter(|&&s| s == 5).count(), 2, "{received:?}");
+    assert_eq!(
+        received.iter().filter(|&&s| s == 5).count(),
+        2,
+        "{received:?}"
+    );
     assert_eq!(stats.pending_at_exit, 0);
 }
 
@@ -127,12 +161,21 @@ async fn rejected_batch_is_dropped_not_resent() {
     let stats = push_all(settings(addr), 100, batches(1..=5), Duration::ZERO).await;
     assert_eq!(stored_seqs(&collector), [1, 2, 4, 5]);
     assert_eq!(collector.state().received, [1, 2, 3, 4, 5]);
-    assert_eq!((stats.batches_rejected, stats.batches_stored, stats.push_failures), (1, 4, 0));
+    assert_eq!(
+        (
+            stats.batches_rejected,
+            stats.batches_stored,
+            stats.push_failures
+        ),
+        (1, 4, 0)
+    );
 }
 
 /// A port nobody listens on (yet).
 async fn free_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     l.local_addr().expect("addr")
 }
 
@@ -164,7 +207,13 @@ async fn outage_longer_than_the_queue_drops_oldest() {
         c.serve(listener)
     });
     // All 10 batches reach the queue (bound 3) while the collector is down.
-    let stats = push_all(settings(addr), 3, batches(1..=10), Duration::from_millis(100)).await;
+    let stats = push_all(
+        settings(addr),
+        3,
+        batches(1..=10),
+        Duration::from_millis(100),
+    )
+    .await;
     let _stop = starter.await.expect("starter");
     assert_eq!(stored_seqs(&collector), [8, 9, 10]);
     assert_eq!(stats.batches_dropped, 7);
@@ -189,21 +238,31 @@ async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
         ..AgentConfig::default()
     };
     let agent_id = config.effective_agent_id();
-    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(1800))).await.expect("run");
+    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(1800)))
+        .await
+        .expect("run");
     assert!(stats.rounds >= 2, "{stats:?}");
     assert_eq!(stats.pending_at_exit, 0, "flushed: {stats:?}");
     assert_eq!(stats.batches_stored, stats.batches_created);
 
     let s = collector.state();
     let seqs: Vec<u64> = s.stored.keys().copied().collect();
-    assert_eq!(seqs, (1..=stats.batches_created).collect::<Vec<_>>(), "fresh state dir starts at 1");
+    assert_eq!(
+        seqs,
+        (1..=stats.batches_created).collect::<Vec<_>>(),
+        "fresh state dir starts at 1"
+    );
     let mut measurements = std::collections::BTreeSet::new();
     for b in s.stored.values() {
         assert_eq!(b.agent_id, agent_id);
         assert!(!b.points.is_empty() && b.points.len() <= 7);
         let keys: Vec<&str> = b.common_tags.iter().map(|t| t.key.as_str()).collect();
         assert_eq!(keys, config::IDENTITY_TAG_KEYS);
-        assert!(b.common_tags.iter().any(|t| t.key == "region" && t.value == "ap-northeast-2"));
+        assert!(
+            b.common_tags
+                .iter()
+                .any(|t| t.key == "region" && t.value == "ap-northeast-2")
+        );
         measurements.extend(b.points.iter().map(|p| p.measurement.clone()));
     }
     for m in crate::probes::MEASUREMENTS {
@@ -214,11 +273,20 @@ async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
 #[tokio::test]
 async fn run_with_collector_down_returns_after_bounded_flush() {
     let addr = free_addr().await;
-    let config = AgentConfig { collector: format!("http://{addr}"), interval: 1, ..AgentConfig::default() };
+    let config = AgentConfig {
+        collector: format!("http://{addr}"),
+        interval: 1,
+        ..AgentConfig::default()
+    };
     let started = std::time::Instant::now();
-    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(300))).await.expect("run");
+    let stats = crate::run(config, tokio::time::sleep(Duration::from_millis(300)))
+        .await
+        .expect("run");
     let took = started.elapsed();
-    assert!(took < crate::FLUSH_TIMEOUT + Duration::from_secs(2), "{took:?}");
+    assert!(
+        took < crate::FLUSH_TIMEOUT + Duration::from_secs(2),
+        "{took:?}"
+    );
     assert!(stats.rounds >= 1);
     assert!(stats.pending_at_exit >= 1, "{stats:?}");
     assert_eq!(stats.batches_stored, 0);

@@ -33,7 +33,10 @@ pub struct MemoryQueue {
 impl MemoryQueue {
     /// `capacity` below 1 is treated as 1.
     pub fn new(capacity: usize) -> Self {
-        Self { batches: VecDeque::new(), capacity: capacity.max(1) }
+        Self {
+            batches: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     fn position(&self, seq: u64) -> Result<usize, usize> {
@@ -73,7 +76,11 @@ mod tests {
     use super::*;
 
     fn b(seq: u64) -> WriteBatch {
-        WriteBatch { agent_id: "a".into(), seq, ..WriteBatch::default() }
+        WriteBatch {
+            agent_id: "a".into(),
+            seq,
+            ..WriteBatch::default()
+        }
     }
 
     #[test]

@@ -29,7 +29,11 @@ pub struct SeqAllocator {
 impl SeqAllocator {
     /// A volatile allocator starting at `first` (at least 1); nothing is persisted.
     pub fn starting_at(first: u64) -> Self {
-        Self { next: first.max(1), reserved_until: u64::MAX, file: None }
+        Self {
+            next: first.max(1),
+            reserved_until: u64::MAX,
+            file: None,
+        }
     }
 
     /// A volatile allocator starting at the wall clock in microseconds (see the module docs).
@@ -50,13 +54,21 @@ impl SeqAllocator {
             Ok(text) => text.trim().parse::<u64>().map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("{}: not a sequence number ({e}): {:?}", file.display(), text.trim()),
+                    format!(
+                        "{}: not a sequence number ({e}): {:?}",
+                        file.display(),
+                        text.trim()
+                    ),
                 )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
             Err(e) => return Err(e),
         };
-        let mut alloc = Self { next: next.max(1), reserved_until: next.max(1), file: Some(file) };
+        let mut alloc = Self {
+            next: next.max(1),
+            reserved_until: next.max(1),
+            file: Some(file),
+        };
         alloc.reserve()?;
         Ok(alloc)
     }
@@ -78,7 +90,9 @@ impl SeqAllocator {
 
     /// Persists `next + RESERVE_BLOCK` (write to a temporary file, fsync, rename) before handing out that block.
     fn reserve(&mut self) -> std::io::Result<()> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         let until = self.next.saturating_add(RESERVE_BLOCK);
         let tmp = file.with_extension("tmp");
         {

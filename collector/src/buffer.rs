@@ -83,7 +83,10 @@ impl ColumnBuilder {
             (ColumnBuilder::Bool(b), Value::Bool(v)) => b.append_value(*v),
             (ColumnBuilder::Str(b), Value::Str(v)) => b.append_value(v),
             (builder, value) => {
-                tracing::error!(?value, "field value does not match its column type; storing null");
+                tracing::error!(
+                    ?value,
+                    "field value does not match its column type; storing null"
+                );
                 let len = builder.len();
                 builder.pad_to(len + 1);
             }
@@ -150,7 +153,8 @@ impl TableBuffer {
         if self.open_rows() > 0 {
             let rows = self.open_rows();
             let mut fields = vec![ArrowField::new(TIME_COLUMN, time_data_type(), false)];
-            let time = TimestampNanosecondArray::from(std::mem::take(&mut self.time)).with_timezone("UTC");
+            let time =
+                TimestampNanosecondArray::from(std::mem::take(&mut self.time)).with_timezone("UTC");
             let mut columns: Vec<ArrayRef> = vec![Arc::new(time)];
             for (name, builder) in self.tags.iter_mut().chain(self.fields.iter_mut()) {
                 builder.pad_to(rows);
@@ -258,8 +262,16 @@ impl Buffer {
             table.time.push(point.time_unix_nano);
             table.rows += 1;
             table.bytes += bytes;
-            table.min_time = Some(table.min_time.map_or(point.time_unix_nano, |m| m.min(point.time_unix_nano)));
-            table.max_time = Some(table.max_time.map_or(point.time_unix_nano, |m| m.max(point.time_unix_nano)));
+            table.min_time = Some(
+                table
+                    .min_time
+                    .map_or(point.time_unix_nano, |m| m.min(point.time_unix_nano)),
+            );
+            table.max_time = Some(
+                table
+                    .max_time
+                    .map_or(point.time_unix_nano, |m| m.max(point.time_unix_nano)),
+            );
             self.rows += 1;
             self.bytes += bytes;
             appended += 1;
@@ -302,7 +314,12 @@ mod tests {
             }],
             points: vec![
                 point("cpu", ("cpu", "cpu0"), ("usage_user", Value::F64(1.0)), 10),
-                point("cpu", ("cpu", "cpu1"), ("usage_system", Value::F64(2.0)), 10),
+                point(
+                    "cpu",
+                    ("cpu", "cpu1"),
+                    ("usage_system", Value::F64(2.0)),
+                    10,
+                ),
                 point("mem", ("host", "override"), ("used", Value::U64(5)), 10),
             ],
         };

@@ -132,7 +132,11 @@ impl Catalog {
             }
             for field in &point.fields {
                 if let Some(value) = &field.value {
-                    self.add_column(&point.measurement, &field.key, ColumnKind::Field(FieldType::of(value)))?;
+                    self.add_column(
+                        &point.measurement,
+                        &field.key,
+                        ColumnKind::Field(FieldType::of(value)),
+                    )?;
                 }
             }
         }
@@ -147,32 +151,37 @@ impl Catalog {
         overlay: &mut HashMap<(String, String), ColumnKind>,
     ) -> Result<(), SchemaConflict> {
         let mut added: Vec<((String, String), ColumnKind)> = Vec::new();
-        let mut check = |table: &str, column: &str, kind: ColumnKind| -> Result<(), SchemaConflict> {
-            let existing = self
-                .tables
-                .get(table)
-                .and_then(|t| t.get(column))
-                .or_else(|| overlay.get(&(table.to_string(), column.to_string())).copied())
-                .or_else(|| {
-                    added
-                        .iter()
-                        .find(|((t, c), _)| t == table && c == column)
-                        .map(|(_, k)| *k)
-                });
-            match existing {
-                Some(existing) if existing != kind => Err(SchemaConflict {
-                    table: table.to_string(),
-                    column: column.to_string(),
-                    existing,
-                    incoming: kind,
-                }),
-                Some(_) => Ok(()),
-                None => {
-                    added.push(((table.to_string(), column.to_string()), kind));
-                    Ok(())
+        let mut check =
+            |table: &str, column: &str, kind: ColumnKind| -> Result<(), SchemaConflict> {
+                let existing = self
+                    .tables
+                    .get(table)
+                    .and_then(|t| t.get(column))
+                    .or_else(|| {
+                        overlay
+                            .get(&(table.to_string(), column.to_string()))
+                            .copied()
+                    })
+                    .or_else(|| {
+                        added
+                            .iter()
+                            .find(|((t, c), _)| t == table && c == column)
+                            .map(|(_, k)| *k)
+                    });
+                match existing {
+                    Some(existing) if existing != kind => Err(SchemaConflict {
+                        table: table.to_string(),
+                        column: column.to_string(),
+                        existing,
+                        incoming: kind,
+                    }),
+                    Some(_) => Ok(()),
+                    None => {
+                        added.push(((table.to_string(), column.to_string()), kind));
+                        Ok(())
+                    }
                 }
-            }
-        };
+            };
         for point in &batch.points {
             let table = point.measurement.as_str();
             for tag in batch.common_tags.iter().chain(point.tags.iter()) {
@@ -228,7 +237,10 @@ mod tests {
             .check_batch(&batch(Value::I64(1), "t"), &mut overlay)
             .expect_err("conflict");
         let msg = err.to_string();
-        assert!(msg.contains("\"v\"") && msg.contains("float field") && msg.contains("integer field"), "{msg}");
+        assert!(
+            msg.contains("\"v\"") && msg.contains("float field") && msg.contains("integer field"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -248,7 +260,9 @@ mod tests {
     fn schema_orders_time_tags_fields() {
         let mut catalog = Catalog::default();
         catalog.add_column("m", "z", ColumnKind::Tag).expect("z");
-        catalog.add_column("m", "a", ColumnKind::Field(FieldType::F64)).expect("a");
+        catalog
+            .add_column("m", "a", ColumnKind::Field(FieldType::F64))
+            .expect("a");
         catalog.add_column("m", "b", ColumnKind::Tag).expect("b");
         let schema = catalog.table("m").expect("m").arrow_schema();
         let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();

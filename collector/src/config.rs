@@ -49,6 +49,8 @@ pub struct CollectorConfig {
     pub query_timeout_secs: u64,
     /// Memory available to one query's operators (bytes). Default 1 GiB.
     pub query_memory_bytes: usize,
+    /// Most rows one SQL response may carry. Default 1,000,000.
+    pub max_result_rows: usize,
     /// Maximum rows per Parquet row group. Default 131,072.
     pub parquet_row_group_rows: usize,
 }
@@ -69,6 +71,7 @@ impl Default for CollectorConfig {
             max_sql_bytes: 1 << 20,
             query_timeout_secs: 60,
             query_memory_bytes: 1 << 30,
+            max_result_rows: 1_000_000,
             parquet_row_group_rows: 128 * 1024,
         }
     }
@@ -108,6 +111,12 @@ impl CollectorConfig {
         if self.query_timeout_secs == 0 {
             return bad("query_timeout_secs must be at least 1".into());
         }
+        if self.max_sql_bytes == 0
+            || self.max_result_rows == 0
+            || self.query_memory_bytes < (1 << 20)
+        {
+            return bad("max_sql_bytes and max_result_rows must be at least 1, query_memory_bytes at least 1 MiB".into());
+        }
         if self.parquet_row_group_rows < 1024 {
             return bad("parquet_row_group_rows must be at least 1024".into());
         }
@@ -116,6 +125,14 @@ impl CollectorConfig {
 
     pub fn flush_interval(&self) -> Duration {
         Duration::from_secs(self.flush_interval_secs)
+    }
+
+    pub fn query_limits(&self) -> crate::query::QueryLimits {
+        crate::query::QueryLimits {
+            timeout: Duration::from_secs(self.query_timeout_secs),
+            memory_bytes: self.query_memory_bytes,
+            max_result_rows: self.max_result_rows,
+        }
     }
 
     pub fn wal_dir(&self) -> PathBuf {

@@ -104,7 +104,10 @@ impl Dedup {
     pub fn load(path: &Path) -> Result<Dedup> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                CollectorError::Wal(format!("dedup checkpoint {} is unreadable: {e}", path.display()))
+                CollectorError::Wal(format!(
+                    "dedup checkpoint {} is unreadable: {e}",
+                    path.display()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Dedup::default()),
             Err(e) => Err(CollectorError::io(path, e)),
@@ -171,6 +174,9 @@ mod tests {
         d.insert("a", 7);
         d.save(&path).expect("save");
         assert_eq!(Dedup::load(&path).expect("load"), d);
-        assert_eq!(Dedup::load(&dir.path().join("missing")).expect("empty"), Dedup::default());
+        assert_eq!(
+            Dedup::load(&dir.path().join("missing")).expect("empty"),
+            Dedup::default()
+        );
     }
 }

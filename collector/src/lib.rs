@@ -3,7 +3,7 @@
 //! Where it sits in the data path: agents push batches over gRPC ([`grpc`]); the [`store`] validates them, makes
 //! them durable in the write-ahead log ([`wal`]), keeps them in an Arrow [`buffer`] that queries see at once, and
 //! flushes them to Parquet files ([`persist`]) partitioned by table and hour. [`query`] answers SQL with DataFusion
-//! over files and buffer together, served over HTTP ([`http`]).
+//! over files and buffer together, served over HTTP ([`http`]). [`server::Collector`] runs all of it.
 
 pub mod buffer;
 pub mod catalog;
@@ -11,11 +11,17 @@ pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod fsutil;
+pub mod grpc;
+pub mod http;
 pub mod model;
 pub mod persist;
+pub mod query;
+pub mod server;
 pub mod store;
 pub mod wal;
 
 pub use config::CollectorConfig;
 pub use error::{CollectorError, Result};
+pub use query::{QueryEngine, QueryError, QueryResult};
+pub use server::Collector;
 pub use store::{Store, WriteOutcome};

@@ -136,7 +136,8 @@ pub fn validate_batch(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inv
         )));
     }
     for (i, tag) in batch.common_tags.iter().enumerate() {
-        check_tag(&tag.key, &tag.value).map_err(|m| InvalidBatch(format!("common tag {i}: {m}")))?;
+        check_tag(&tag.key, &tag.value)
+            .map_err(|m| InvalidBatch(format!("common tag {i}: {m}")))?;
     }
     for (i, tag) in batch.common_tags.iter().enumerate() {
         if batch.common_tags[..i].iter().any(|t| t.key == tag.key) {
@@ -222,7 +223,11 @@ pub fn check_measurement(name: &str) -> Result<(), String> {
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if !first_ok || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')) {
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
         return Err(format!(
             "measurement name {:?} must start with a letter or '_' and contain only [A-Za-z0-9_.-]",
             truncate(name, 64)
@@ -260,7 +265,9 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
         ));
     }
     if name == TIME_COLUMN {
-        return Err(format!("{what} name \"time\" is reserved for the timestamp"));
+        return Err(format!(
+            "{what} name \"time\" is reserved for the timestamp"
+        ));
     }
     Ok(())
 }
@@ -322,7 +329,10 @@ mod tests {
             (batch(vec![point("")]), "measurement name is empty"),
             (batch(vec![point("a/b")]), "must start with a letter"),
             (batch(vec![]), "no points"),
-            (batch((0..11).map(|_| point("cpu")).collect()), "the limit is 10"),
+            (
+                batch((0..11).map(|_| point("cpu")).collect()),
+                "the limit is 10",
+            ),
             (
                 WriteBatch {
                     seq: 0,

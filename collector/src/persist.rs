@@ -11,7 +11,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, new_null_array};
+use arrow::array::{
+    Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, new_null_array,
+};
 use arrow::compute::{cast, concat_batches, take_record_batch};
 use arrow::datatypes::SchemaRef;
 use arrow::row::{RowConverter, SortField};
@@ -55,7 +57,10 @@ pub struct FileIndex {
 
 impl FileIndex {
     pub fn add(&mut self, file: ParquetFile) {
-        self.tables.entry(file.table.clone()).or_default().push(Arc::new(file));
+        self.tables
+            .entry(file.table.clone())
+            .or_default()
+            .push(Arc::new(file));
     }
 
     pub fn files(&self, table: &str) -> &[Arc<ParquetFile>] {
@@ -127,7 +132,11 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 }
 
 /// Writer settings for time-series tables.
-pub fn writer_properties(schema: &SchemaRef, row_group_rows: usize, kv: Vec<KeyValue>) -> WriterProperties {
+pub fn writer_properties(
+    schema: &SchemaRef,
+    row_group_rows: usize,
+    kv: Vec<KeyValue>,
+) -> WriterProperties {
     let mut builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Page)
@@ -139,7 +148,8 @@ pub fn writer_properties(schema: &SchemaRef, row_group_rows: usize, kv: Vec<KeyV
         .set_column_encoding(time, Encoding::DELTA_BINARY_PACKED);
     for field in schema.fields() {
         if *field.data_type() == tag_data_type() {
-            builder = builder.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
+            builder = builder
+                .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
         }
     }
     builder.build()
@@ -176,7 +186,15 @@ pub fn write_table(
             end += 1;
         }
         let part = sorted.slice(start, end - start);
-        files.push(write_file(tables_dir, shard_id, table, hour, &part, wal_seq, row_group_rows)?);
+        files.push(write_file(
+            tables_dir,
+            shard_id,
+            table,
+            hour,
+            &part,
+            wal_seq,
+            row_group_rows,
+        )?);
         start = end;
     }
     Ok(files)
@@ -195,7 +213,9 @@ fn time_column(batch: &RecordBatch) -> Result<&TimestampNanosecondArray> {
 fn sort_for_storage(batch: &RecordBatch) -> Result<RecordBatch> {
     let schema = batch.schema();
     let times = time_column(batch)?;
-    let hours: ArrayRef = Arc::new(Int64Array::from_iter_values(times.values().iter().map(|t| hour_of(*t))));
+    let hours: ArrayRef = Arc::new(Int64Array::from_iter_values(
+        times.values().iter().map(|t| hour_of(*t)),
+    ));
     let mut sort_columns = vec![hours];
     let mut sort_fields = vec![SortField::new(arrow::datatypes::DataType::Int64)];
     for (i, field) in schema.fields().iter().enumerate() {
@@ -243,14 +263,17 @@ fn write_file(
         message: e.to_string(),
     };
     let file = File::create(&tmp).map_err(|e| CollectorError::io(&tmp, e))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet_err)?;
+    let mut writer =
+        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet_err)?;
     writer.write(batch).map_err(parquet_err)?;
     let file = writer.into_inner().map_err(parquet_err)?;
     file.sync_all().map_err(|e| CollectorError::io(&tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, &path).map_err(|e| CollectorError::io(&path, e))?;
     sync_dir(&dir)?;
-    let bytes = std::fs::metadata(&path).map_err(|e| CollectorError::io(&path, e))?.len();
+    let bytes = std::fs::metadata(&path)
+        .map_err(|e| CollectorError::io(&path, e))?
+        .len();
     Ok(ParquetFile {
         path,
         table: table.to_string(),
@@ -270,12 +293,16 @@ pub fn read_file_meta(path: &Path, table: &str) -> Result<(ParquetFile, TableSch
         message: e.to_string(),
     };
     let file = File::open(path).map_err(|e| CollectorError::io(path, e))?;
-    let bytes = file.metadata().map_err(|e| CollectorError::io(path, e))?.len();
+    let bytes = file
+        .metadata()
+        .map_err(|e| CollectorError::io(path, e))?
+        .len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
-    let schema = TableSchema::from_arrow(builder.schema()).map_err(|m| CollectorError::Parquet {
-        path: path.to_path_buf(),
-        message: m,
-    })?;
+    let schema =
+        TableSchema::from_arrow(builder.schema()).map_err(|m| CollectorError::Parquet {
+            path: path.to_path_buf(),
+            message: m,
+        })?;
     let meta = builder.metadata().file_metadata();
     let kv = |key: &str| -> Option<i64> {
         meta.key_value_metadata()?
@@ -314,7 +341,9 @@ pub fn scan_store(tables_dir: &Path) -> Result<Vec<(ParquetFile, TableSchema)>> 
     if !tables_dir.exists() {
         return Ok(out);
     }
-    for table_entry in std::fs::read_dir(tables_dir).map_err(|e| CollectorError::io(tables_dir, e))? {
+    for table_entry in
+        std::fs::read_dir(tables_dir).map_err(|e| CollectorError::io(tables_dir, e))?
+    {
         let table_entry = table_entry.map_err(|e| CollectorError::io(tables_dir, e))?;
         let Some(table) = table_entry.file_name().to_str().map(str::to_string) else {
             continue;
@@ -355,20 +384,44 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let hour0 = 1_700_000_000i64 / 3600 * 3600 * 1_000_000_000;
         let mut points = Vec::new();
-        for (host, t) in [("b", hour0 + 5), ("a", hour0 + 9), ("a", hour0 + 1), ("a", hour0 + NANOS_PER_HOUR)] {
+        for (host, t) in [
+            ("b", hour0 + 5),
+            ("a", hour0 + 9),
+            ("a", hour0 + 1),
+            ("a", hour0 + NANOS_PER_HOUR),
+        ] {
             points.push(Point {
                 measurement: "cpu".into(),
-                tags: vec![Tag { key: "host".into(), value: host.into() }],
-                fields: vec![Field { key: "v".into(), value: Some(Value::F64(1.0)) }],
+                tags: vec![Tag {
+                    key: "host".into(),
+                    value: host.into(),
+                }],
+                fields: vec![Field {
+                    key: "v".into(),
+                    value: Some(Value::F64(1.0)),
+                }],
                 time_unix_nano: t,
             });
         }
-        let batch = WriteBatch { agent_id: "x".into(), seq: 1, common_tags: vec![], points };
+        let batch = WriteBatch {
+            agent_id: "x".into(),
+            seq: 1,
+            common_tags: vec![],
+            points,
+        };
         let mut catalog = Catalog::default();
-        catalog.check_batch(&batch, &mut Default::default()).expect("schema");
-        catalog.add_column("cpu", "host", crate::model::ColumnKind::Tag).expect("host");
         catalog
-            .add_column("cpu", "v", crate::model::ColumnKind::Field(crate::model::FieldType::F64))
+            .check_batch(&batch, &mut Default::default())
+            .expect("schema");
+        catalog
+            .add_column("cpu", "host", crate::model::ColumnKind::Tag)
+            .expect("host");
+        catalog
+            .add_column(
+                "cpu",
+                "v",
+                crate::model::ColumnKind::Field(crate::model::FieldType::F64),
+            )
             .expect("v");
         let mut buffer = Buffer::default();
         buffer.append_batch(&batch, |_, _| true);
@@ -377,7 +430,12 @@ mod tests {
         let files = write_table(dir.path(), "s0", "cpu", schema, &chunks, 42, 1024).expect("write");
         assert_eq!(files.len(), 2);
         assert_eq!(files[0].rows, 3);
-        assert!(files[0].path.to_string_lossy().contains("/cpu/date=2023-11-14/hour=22/s0-"));
+        assert!(
+            files[0]
+                .path
+                .to_string_lossy()
+                .contains("/cpu/date=2023-11-14/hour=22/s0-")
+        );
         let scanned = scan_store(dir.path()).expect("scan");
         assert_eq!(scanned.len(), 2);
         let (meta, table_schema) = read_file_meta(&files[0].path, "cpu").expect("meta");
@@ -385,12 +443,16 @@ mod tests {
         assert_eq!(meta.min_time, hour0 + 1);
         assert!(table_schema.get("host").is_some());
         // Sorted by series then time.
-        let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(&files[0].path).expect("open"))
-            .expect("reader")
-            .build()
-            .expect("build");
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&files[0].path).expect("open"))
+                .expect("reader")
+                .build()
+                .expect("build");
         let batches: Vec<_> = reader.collect::<std::result::Result<_, _>>().expect("read");
         let times = time_column(&batches[0]).expect("time");
-        assert_eq!(times.values().to_vec(), vec![hour0 + 1, hour0 + 9, hour0 + 5]);
+        assert_eq!(
+            times.values().to_vec(),
+            vec![hour0 + 1, hour0 + 9, hour0 + 5]
+        );
     }
 }

@@ -108,7 +108,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("shard", &self.inner.config.shard_id).finish()
+        f.debug_struct("Store")
+            .field("shard", &self.inner.config.shard_id)
+            .finish()
     }
 }
 
@@ -194,7 +196,9 @@ impl Store {
         std::thread::Builder::new()
             .name(format!("damselfly-wal-{}", config.shard_id))
             .spawn(move || writer.run())
-            .map_err(|e| CollectorError::Server(format!("cannot start the WAL writer thread: {e}")))?;
+            .map_err(|e| {
+                CollectorError::Server(format!("cannot start the WAL writer thread: {e}"))
+            })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 config: config.clone(),
@@ -221,7 +225,13 @@ impl Store {
             return WriteOutcome::Rejected(invalid.0);
         }
         let (reply, answer) = oneshot::channel();
-        if self.inner.writer.send(WriterMsg::Write { batch, reply }).await.is_err() {
+        if self
+            .inner
+            .writer
+            .send(WriterMsg::Write { batch, reply })
+            .await
+            .is_err()
+        {
             return shutting_down();
         }
         answer.await.unwrap_or_else(|_| shutting_down())
@@ -229,7 +239,11 @@ impl Store {
 
     /// Names of all tables (stored or buffered).
     pub fn table_names(&self) -> Vec<String> {
-        lock(&self.inner.state).catalog.table_names().map(str::to_string).collect()
+        lock(&self.inner.state)
+            .catalog
+            .table_names()
+            .map(str::to_string)
+            .collect()
     }
 
     /// A consistent view of one table: its schema, its files and its buffered rows.
@@ -428,7 +442,9 @@ impl Writer {
             let mut overlay = HashMap::new();
             let mut seen: HashSet<(&str, u64)> = HashSet::new();
             for (i, (batch, _)) in group.iter().enumerate() {
-                if state.dedup.contains(&batch.agent_id, batch.seq) || seen.contains(&(batch.agent_id.as_str(), batch.seq)) {
+                if state.dedup.contains(&batch.agent_id, batch.seq)
+                    || seen.contains(&(batch.agent_id.as_str(), batch.seq))
+                {
                     outcomes[i] = Some(WriteOutcome::Duplicate);
                 } else if over_limit {
                     outcomes[i] = Some(WriteOutcome::Retry {
@@ -451,7 +467,10 @@ impl Writer {
             }
         }
         if !accepted.is_empty() {
-            let payloads: Vec<Vec<u8>> = accepted.iter().map(|&i| group[i].0.encode_to_vec()).collect();
+            let payloads: Vec<Vec<u8>> = accepted
+                .iter()
+                .map(|&i| group[i].0.encode_to_vec())
+                .collect();
             match self.wal.append(&payloads) {
                 Ok(_) => {
                     let mut state = lock(&self.state);
@@ -481,7 +500,8 @@ impl Writer {
             }
         }
         for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
-            let outcome = outcome.unwrap_or_else(|| WriteOutcome::Rejected("internal error: no outcome".into()));
+            let outcome = outcome
+                .unwrap_or_else(|| WriteOutcome::Rejected("internal error: no outcome".into()));
             let _ = reply.send(outcome);
         }
     }
@@ -545,11 +565,15 @@ mod tests {
     }
 
     fn buffered_rows(store: &Store) -> usize {
-        store.snapshot("cpu").map_or(0, |s| s.batches.iter().map(|b| b.num_rows()).sum())
+        store
+            .snapshot("cpu")
+            .map_or(0, |s| s.batches.iter().map(|b| b.num_rows()).sum())
     }
 
     fn file_rows(store: &Store) -> u64 {
-        store.snapshot("cpu").map_or(0, |s| s.files.iter().map(|f| f.rows).sum())
+        store
+            .snapshot("cpu")
+            .map_or(0, |s| s.files.iter().map(|f| f.rows).sum())
     }
 
     #[tokio::test]
@@ -557,31 +581,49 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(&config(dir.path())).expect("open");
-            assert_eq!(store.write(batch(1, Value::F64(1.0))).await, WriteOutcome::Stored { points: 1 });
-            assert_eq!(store.write(batch(1, Value::F64(1.0))).await, WriteOutcome::Duplicate);
+            assert_eq!(
+                store.write(batch(1, Value::F64(1.0))).await,
+                WriteOutcome::Stored { points: 1 }
+            );
+            assert_eq!(
+                store.write(batch(1, Value::F64(1.0))).await,
+                WriteOutcome::Duplicate
+            );
             match store.write(batch(2, Value::I64(1))).await {
                 WriteOutcome::Rejected(m) => assert!(m.contains("usage_user"), "{m}"),
                 other => panic!("expected a rejection, got {other:?}"),
             }
-            assert_eq!(store.write(batch(3, Value::F64(3.0))).await, WriteOutcome::Stored { points: 1 });
+            assert_eq!(
+                store.write(batch(3, Value::F64(3.0))).await,
+                WriteOutcome::Stored { points: 1 }
+            );
             assert_eq!(buffered_rows(&store), 2);
             // Dropped without a flush: the WAL must bring the rows back.
         }
         {
             let store = Store::open(&config(dir.path())).expect("reopen");
             assert_eq!(buffered_rows(&store), 2);
-            assert_eq!(store.write(batch(3, Value::F64(3.0))).await, WriteOutcome::Duplicate);
+            assert_eq!(
+                store.write(batch(3, Value::F64(3.0))).await,
+                WriteOutcome::Duplicate
+            );
             assert_eq!(store.flush().await.expect("flush"), 1);
             assert_eq!(buffered_rows(&store), 0);
             assert_eq!(file_rows(&store), 2);
-            assert_eq!(store.write(batch(4, Value::F64(4.0))).await, WriteOutcome::Stored { points: 1 });
+            assert_eq!(
+                store.write(batch(4, Value::F64(4.0))).await,
+                WriteOutcome::Stored { points: 1 }
+            );
         }
         {
             // Files plus the WAL tail; nothing twice, dedup survives the WAL deletion via the checkpoint.
             let store = Store::open(&config(dir.path())).expect("reopen again");
             assert_eq!(file_rows(&store), 2);
             assert_eq!(buffered_rows(&store), 1);
-            assert_eq!(store.write(batch(1, Value::F64(1.0))).await, WriteOutcome::Duplicate);
+            assert_eq!(
+                store.write(batch(1, Value::F64(1.0))).await,
+                WriteOutcome::Duplicate
+            );
         }
     }
 
@@ -610,7 +652,11 @@ mod tests {
         }
         let store = Store::open(&cfg).expect("reopen");
         assert_eq!(file_rows(&store), 2);
-        assert_eq!(buffered_rows(&store), 0, "replay must skip rows already in Parquet");
+        assert_eq!(
+            buffered_rows(&store),
+            0,
+            "replay must skip rows already in Parquet"
+        );
     }
 
     #[tokio::test]

@@ -77,7 +77,8 @@ impl Wal {
                     .write(true)
                     .open(path)
                     .map_err(|e| CollectorError::io(path, e))?;
-                f.set_len(valid_len).map_err(|e| CollectorError::io(path, e))?;
+                f.set_len(valid_len)
+                    .map_err(|e| CollectorError::io(path, e))?;
                 f.sync_all().map_err(|e| CollectorError::io(path, e))?;
                 replay.truncated_bytes += file_len - valid_len;
                 damaged = true;
@@ -132,10 +133,13 @@ impl Wal {
             encode_record(&mut buf, seq, payload)?;
             seq += 1;
         }
-        let result = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| if self.sync { self.file.sync_data() } else { Ok(()) });
+        let result = self.file.write_all(&buf).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         match result {
             Ok(()) => {
                 self.len += buf.len() as u64;
@@ -196,7 +200,8 @@ fn create_segment(dir: &Path, id: u64) -> Result<File> {
         .append(true)
         .open(&path)
         .map_err(|e| CollectorError::io(&path, e))?;
-    file.write_all(MAGIC).map_err(|e| CollectorError::io(&path, e))?;
+    file.write_all(MAGIC)
+        .map_err(|e| CollectorError::io(&path, e))?;
     file.sync_all().map_err(|e| CollectorError::io(&path, e))?;
     sync_dir(dir)?;
     Ok(file)
@@ -208,7 +213,10 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let entry = entry.map_err(|e| CollectorError::io(dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(id) = name.strip_suffix(".wal").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(id) = name
+            .strip_suffix(".wal")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             out.push((id, entry.path()));
         }
     }
@@ -309,7 +317,10 @@ mod tests {
         // Simulate a crash in the middle of the next record.
         let mut partial = Vec::new();
         encode_record(&mut partial, 3, b"half written record").expect("encode");
-        let mut f = OpenOptions::new().append(true).open(&segment).expect("open segment");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .expect("open segment");
         f.write_all(&partial[..partial.len() - 5]).expect("write");
         drop(f);
         let before = std::fs::metadata(&segment).expect("meta").len();

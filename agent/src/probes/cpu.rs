@@ -44,7 +44,9 @@ impl CpuProbe {
         if self.prev.is_none() {
             self.prime(sys);
         }
-        let Some((at, prev)) = self.prev.take() else { return Vec::new() };
+        let Some((at, prev)) = self.prev.take() else {
+            return Vec::new();
+        };
         wait_min_sample(at);
         let Some(cur) = linux::read_proc_stat() else {
             // Keep the old baseline: the next round gets a longer, still valid window.
@@ -82,7 +84,11 @@ mod linux {
     impl CpuTimes {
         /// The `cpu` tag value: Telegraf calls the total `cpu-total`.
         pub(super) fn tag(&self) -> &str {
-            if self.name == "cpu" { "cpu-total" } else { &self.name }
+            if self.name == "cpu" {
+                "cpu-total"
+            } else {
+                &self.name
+            }
         }
     }
 
@@ -114,8 +120,25 @@ mod linux {
     /// Telegraf's cpu fields from two samples; `None` when no time passed (nothing to divide by).
     pub(super) fn usage_fields(prev: &CpuTimes, cur: &CpuTimes) -> Option<Vec<Field>> {
         // Counters can step back (CPU hot-unplug, virtualisation quirks): clamp deltas at 0.
-        let d: Vec<u64> = cur.t.iter().zip(prev.t.iter()).map(|(c, p)| c.saturating_sub(*p)).collect();
-        let [user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice] = d[..] else {
+        let d: Vec<u64> = cur
+            .t
+            .iter()
+            .zip(prev.t.iter())
+            .map(|(c, p)| c.saturating_sub(*p))
+            .collect();
+        let [
+            user,
+            nice,
+            system,
+            idle,
+            iowait,
+            irq,
+            softirq,
+            steal,
+            guest,
+            guest_nice,
+        ] = d[..]
+        else {
             return None;
         };
         // Guest time is already inside user and nice, so it is not added again.
@@ -166,9 +189,17 @@ impl CpuProbe {
         sys.refresh_cpu_usage();
         let fields = |usage: f32| {
             let busy = f64::from(usage).clamp(0.0, 100.0);
-            vec![f64_field("usage_percent", busy), f64_field("usage_idle", 100.0 - busy)]
+            vec![
+                f64_field("usage_percent", busy),
+                f64_field("usage_idle", 100.0 - busy),
+            ]
         };
-        let mut points = vec![point("cpu", &[("cpu", "cpu-total")], fields(sys.global_cpu_usage()), now)];
+        let mut points = vec![point(
+            "cpu",
+            &[("cpu", "cpu-total")],
+            fields(sys.global_cpu_usage()),
+            now,
+        )];
         for (i, cpu) in sys.cpus().iter().enumerate() {
             let name = format!("cpu{i}");
             points.push(point("cpu", &[("cpu", &name)], fields(cpu.usage()), now));
@@ -183,7 +214,11 @@ mod tests {
     use damselfly_proto::v1::field::Value;
 
     fn get(fields: &[damselfly_proto::v1::Field], key: &str) -> f64 {
-        match fields.iter().find(|f| f.key == key).and_then(|f| f.value.clone()) {
+        match fields
+            .iter()
+            .find(|f| f.key == key)
+            .and_then(|f| f.value.clone())
+        {
             Some(Value::F64(v)) => v,
             other => panic!("{key}: {other:?}"),
         }
@@ -191,7 +226,9 @@ mod tests {
 
     #[test]
     fn telegraf_formulas() {
-        let a = parse_proc_stat("cpu  100 10 50 800 20 5 5 10 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n");
+        let a = parse_proc_stat(
+            "cpu  100 10 50 800 20 5 5 10 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 1 2\n",
+        );
         assert_eq!(a.len(), 2);
         assert_eq!(a[0].tag(), "cpu-total");
         assert_eq!(a[1].tag(), "cpu0");

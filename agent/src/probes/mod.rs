@@ -40,10 +40,24 @@ impl std::fmt::Debug for Probes {
 impl Probes {
     /// Opens the sysinfo handles and takes the first CPU sample (so the first round already has a delta).
     pub fn new() -> Result<Self, ProbeError> {
-        let sys = sysinfo::System::new().map_err(|source| ProbeError { what: "system", source })?;
-        let disks = sysinfo::Disks::new().map_err(|source| ProbeError { what: "disks", source })?;
-        let networks = sysinfo::Networks::new().map_err(|source| ProbeError { what: "networks", source })?;
-        let mut probes = Self { sys, disks, networks, cpu: cpu::CpuProbe::default() };
+        let sys = sysinfo::System::new().map_err(|source| ProbeError {
+            what: "system",
+            source,
+        })?;
+        let disks = sysinfo::Disks::new().map_err(|source| ProbeError {
+            what: "disks",
+            source,
+        })?;
+        let networks = sysinfo::Networks::new().map_err(|source| ProbeError {
+            what: "networks",
+            source,
+        })?;
+        let mut probes = Self {
+            sys,
+            disks,
+            networks,
+            cpu: cpu::CpuProbe::default(),
+        };
         probes.cpu.prime(&mut probes.sys);
         Ok(probes)
     }
@@ -71,26 +85,47 @@ pub fn now_unix_nano() -> i64 {
 }
 
 /// Builds a point; `tags` and `fields` keep their order.
-fn point(measurement: &str, tags: &[(&str, &str)], fields: Vec<Field>, time_unix_nano: i64) -> Point {
+fn point(
+    measurement: &str,
+    tags: &[(&str, &str)],
+    fields: Vec<Field>,
+    time_unix_nano: i64,
+) -> Point {
     Point {
         measurement: measurement.to_owned(),
-        tags: tags.iter().map(|(k, v)| Tag { key: (*k).to_owned(), value: (*v).to_owned() }).collect(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| Tag {
+                key: (*k).to_owned(),
+                value: (*v).to_owned(),
+            })
+            .collect(),
         fields,
         time_unix_nano,
     }
 }
 
 fn f64_field(key: &str, v: f64) -> Field {
-    Field { key: key.to_owned(), value: Some(field::Value::F64(v)) }
+    Field {
+        key: key.to_owned(),
+        value: Some(field::Value::F64(v)),
+    }
 }
 
 fn u64_field(key: &str, v: u64) -> Field {
-    Field { key: key.to_owned(), value: Some(field::Value::U64(v)) }
+    Field {
+        key: key.to_owned(),
+        value: Some(field::Value::U64(v)),
+    }
 }
 
 /// `part / whole` in percent, 0 when `whole` is 0 (an empty disk is not NaN% full).
 fn percent(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 { 100.0 * part / whole } else { 0.0 }
+    if whole > 0.0 {
+        100.0 * part / whole
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]
@@ -99,11 +134,17 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     fn tag<'a>(p: &'a Point, key: &str) -> Option<&'a str> {
-        p.tags.iter().find(|t| t.key == key).map(|t| t.value.as_str())
+        p.tags
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.value.as_str())
     }
 
     fn fields(p: &Point) -> BTreeMap<&str, &field::Value> {
-        p.fields.iter().filter_map(|f| f.value.as_ref().map(|v| (f.key.as_str(), v))).collect()
+        p.fields
+            .iter()
+            .filter_map(|f| f.value.as_ref().map(|v| (f.key.as_str(), v)))
+            .collect()
     }
 
     fn assert_f64(p: &Point, keys: &[&str]) {
@@ -138,20 +179,33 @@ mod tests {
         }
         let t = points[0].time_unix_nano;
         assert!(t > 1_600_000_000_000_000_000);
-        assert!(points.iter().all(|p| p.time_unix_nano == t), "one timestamp per round");
+        assert!(
+            points.iter().all(|p| p.time_unix_nano == t),
+            "one timestamp per round"
+        );
         assert!(points.iter().all(|p| !p.fields.is_empty()));
 
         let cpu: Vec<&Point> = points.iter().filter(|p| p.measurement == "cpu").collect();
         let cpu_tags: BTreeSet<&str> = cpu.iter().filter_map(|p| tag(p, "cpu")).collect();
-        assert!(cpu_tags.contains("cpu-total") && cpu_tags.contains("cpu0"), "{cpu_tags:?}");
+        assert!(
+            cpu_tags.contains("cpu-total") && cpu_tags.contains("cpu0"),
+            "{cpu_tags:?}"
+        );
         for p in &cpu {
             assert_f64(p, &["usage_percent", "usage_idle"]);
             #[cfg(target_os = "linux")]
             assert_f64(
                 p,
                 &[
-                    "usage_user", "usage_system", "usage_nice", "usage_iowait", "usage_irq", "usage_softirq",
-                    "usage_steal", "usage_guest", "usage_guest_nice",
+                    "usage_user",
+                    "usage_system",
+                    "usage_nice",
+                    "usage_iowait",
+                    "usage_irq",
+                    "usage_softirq",
+                    "usage_steal",
+                    "usage_guest",
+                    "usage_guest_nice",
                 ],
             );
             for f in &p.fields {
@@ -177,20 +231,41 @@ mod tests {
             assert_u64(d, &["total", "used", "free"]);
             assert_f64(d, &["used_percent"]);
         }
-        assert!(disks.iter().any(|d| tag(d, "path") == Some("/")), "no / disk");
+        assert!(
+            disks.iter().any(|d| tag(d, "path") == Some("/")),
+            "no / disk"
+        );
 
         let nets: Vec<&Point> = points.iter().filter(|p| p.measurement == "net").collect();
-        let lo = nets.iter().find(|p| tag(p, "interface") == Some("lo")).expect("net has lo");
-        assert_u64(lo, &["bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "err_in", "err_out"]);
+        let lo = nets
+            .iter()
+            .find(|p| tag(p, "interface") == Some("lo"))
+            .expect("net has lo");
+        assert_u64(
+            lo,
+            &[
+                "bytes_sent",
+                "bytes_recv",
+                "packets_sent",
+                "packets_recv",
+                "err_in",
+                "err_out",
+            ],
+        );
         #[cfg(target_os = "linux")]
         assert_u64(lo, &["drop_in", "drop_out"]);
 
-        let sys: Vec<&Point> = points.iter().filter(|p| p.measurement == "system").collect();
+        let sys: Vec<&Point> = points
+            .iter()
+            .filter(|p| p.measurement == "system")
+            .collect();
         assert_eq!(sys.len(), 1);
         assert_f64(sys[0], &["load1", "load5", "load15"]);
         assert_u64(sys[0], &["uptime", "n_cpus"]);
         let f = fields(sys[0]);
-        let Some(field::Value::U64(n)) = f.get("n_cpus") else { panic!("n_cpus") };
+        let Some(field::Value::U64(n)) = f.get("n_cpus") else {
+            panic!("n_cpus")
+        };
         // cpu-total plus one point per CPU.
         assert_eq!(cpu.len() as u64, n + 1);
 

@@ -43,5 +43,9 @@ fn sysfs_counter(iface: &str, file: &str) -> Option<u64> {
     if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
         return None;
     }
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/statistics/{file}")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/statistics/{file}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

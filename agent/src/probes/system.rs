@@ -9,7 +9,11 @@ pub(super) fn collect(sys: &mut System, now: i64) -> Vec<Point> {
     let mut fields = Vec::with_capacity(5);
     // Windows has no load average: leave the fields out rather than report zeros.
     match System::load_average() {
-        Ok(l) => fields.extend([f64_field("load1", l.one), f64_field("load5", l.five), f64_field("load15", l.fifteen)]),
+        Ok(l) => fields.extend([
+            f64_field("load1", l.one),
+            f64_field("load5", l.five),
+            f64_field("load15", l.fifteen),
+        ]),
         Err(e) => tracing::debug!(error = %e, "no load average"),
     }
     match System::uptime() {

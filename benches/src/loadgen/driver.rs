@@ -1,0 +1,496 @@
+//! One simulated agent: its own `Push` stream with a window of in-flight batches, following the delivery contract
+//! of `ingest.proto` (acks in order; RETRY honoured by resending after `retry_after_ms`; a broken stream resends
+//! everything unacknowledged on a new stream, which the collector answers with DUPLICATE where it already stored).
+//!
+//! Batches are not kept after sending: [`PointGen::batch`] rebuilds one from `(seq, time)` when it must be resent.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use damselfly_proto::v1::{Ack, AckStatus, WriteBatch, ingest_client::IngestClient};
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::Channel;
+
+use crate::points::{PointGen, count_measurement};
+
+/// Largest ack message accepted. Acks are tiny; this only bounds a misbehaving server.
+const MAX_DECODING_BYTES: usize = 4 << 20;
+/// A stream whose oldest in-flight batch got no ack for this long is abandoned and its batches resent.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Highest latency the histogram holds (µs); larger values are clamped.
+const HIST_MAX_US: u64 = 3_600_000_000;
+/// Only this many REJECTED messages are printed (they are all counted).
+const MAX_REJECT_MESSAGES: u64 = 20;
+
+/// The schedule all agents share.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Start of the measured window (end of warm-up).
+    pub measure_start: Instant,
+    /// End of the measured window: no new batches after this.
+    pub stop: Instant,
+    /// Give up on unacknowledged batches at this time.
+    pub drain_deadline: Instant,
+    /// Time between batches per agent; `None` = as fast as the window allows.
+    pub interval: Option<Duration>,
+    /// Most unacknowledged batches per stream.
+    pub in_flight: usize,
+}
+
+impl Plan {
+    fn in_window(&self, t: Instant) -> bool {
+        t >= self.measure_start && t < self.stop
+    }
+}
+
+/// Live totals over all agents, for the progress line.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub batches_stored: AtomicU64,
+    pub points_stored: AtomicU64,
+    pub retry_acks: AtomicU64,
+    pub rejected: AtomicU64,
+    pub stream_errors: AtomicU64,
+}
+
+/// Event counts; kept once for the whole run and once for the measured window.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Batches put on a stream, resends included.
+    pub batches_sent: u64,
+    /// Of those, resends (after RETRY or a broken stream).
+    pub batches_resent: u64,
+    pub batches_stored: u64,
+    /// Points acknowledged STORED (the ack's `points_stored`).
+    pub points_stored: u64,
+    /// `cpu` points in batches acknowledged STORED.
+    pub cpu_points_stored: u64,
+    pub batches_duplicate: u64,
+    /// Points in batches acknowledged DUPLICATE (stored earlier, ack lost).
+    pub points_duplicate: u64,
+    pub cpu_points_duplicate: u64,
+    pub retry_acks: u64,
+    pub rejected: u64,
+    /// Broken streams: transport/status errors, the server closing the stream, ack timeouts, protocol violations.
+    pub stream_errors: u64,
+    /// Interval ticks dropped because the window stayed full (the requested rate was not reached).
+    pub missed_ticks: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: &Counts) {
+        self.batches_sent += o.batches_sent;
+        self.batches_resent += o.batches_resent;
+        self.batches_stored += o.batches_stored;
+        self.points_stored += o.points_stored;
+        self.cpu_points_stored += o.cpu_points_stored;
+        self.batches_duplicate += o.batches_duplicate;
+        self.points_duplicate += o.points_duplicate;
+        self.cpu_points_duplicate += o.cpu_points_duplicate;
+        self.retry_acks += o.retry_acks;
+        self.rejected += o.rejected;
+        self.stream_errors += o.stream_errors;
+        self.missed_ticks += o.missed_ticks;
+    }
+}
+
+/// What one agent did.
+#[derive(Debug)]
+pub struct AgentReport {
+    pub total: Counts,
+    pub window: Counts,
+    /// Send-to-ack latency of STORED and DUPLICATE acks received in the measured window, µs.
+    pub latency_us: Histogram<u64>,
+    /// Batches never acknowledged (still in flight or waiting for a resend at the drain deadline).
+    pub unacked_batches: u64,
+    pub unacked_points: u64,
+    pub unacked_cpu_points: u64,
+}
+
+/// A new latency histogram (1 µs .. 1 h, 3 significant digits).
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_US, 3).expect("constant histogram bounds are valid")
+}
+
+/// A batch that was sent, or must be (re)sent.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    seq: u64,
+    time_unix_nano: i64,
+    points: u64,
+    cpu_points: u64,
+    /// When it was last put on a stream.
+    sent: Instant,
+    /// Sent at least once before.
+    resend: bool,
+}
+
+/// Why a stream ended.
+enum StreamEnd {
+    /// Nothing left to send, or the drain deadline passed.
+    Done,
+    /// Broken: resend everything in flight on a new stream.
+    Failed(String),
+}
+
+struct Agent {
+    id: usize,
+    points: PointGen,
+    plan: Arc<Plan>,
+    live: Arc<Live>,
+    client: IngestClient<Channel>,
+    next_seq: u64,
+    /// End of the last new batch's time span: the next one starts after it.
+    next_time: i64,
+    /// Batches to resend, lowest seq first.
+    resend: BTreeMap<u64, Pending>,
+    in_flight: VecDeque<Pending>,
+    /// No sending before this (RETRY).
+    paused_until: Option<Instant>,
+    stopping: bool,
+    /// New batches the interval allows now (unbounded when there is no interval).
+    tokens: usize,
+    total: Counts,
+    window: Counts,
+    latency: Histogram<u64>,
+}
+
+/// Runs agent `id` until its batches are all acknowledged after `plan.stop`, or the drain deadline passes.
+pub async fn run_agent(
+    id: usize,
+    points: PointGen,
+    channel: Channel,
+    plan: Arc<Plan>,
+    live: Arc<Live>,
+) -> AgentReport {
+    let client = IngestClient::new(channel)
+        .send_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .max_decoding_message_size(MAX_DECODING_BYTES);
+    let mut agent = Agent {
+        id,
+        points,
+        live,
+        client,
+        next_seq: 1,
+        next_time: 0,
+        resend: BTreeMap::new(),
+        in_flight: VecDeque::with_capacity(plan.in_flight),
+        paused_until: None,
+        stopping: false,
+        tokens: if plan.interval.is_some() {
+            1
+        } else {
+            usize::MAX
+        },
+        total: Counts::default(),
+        window: Counts::default(),
+        latency: new_histogram(),
+        plan,
+    };
+    agent.run().await;
+    let unacked = agent.resend.values().chain(agent.in_flight.iter());
+    let (mut b, mut p, mut c) = (0, 0, 0);
+    for x in unacked {
+        b += 1;
+        p += x.points;
+        c += x.cpu_points;
+    }
+    AgentReport {
+        total: agent.total,
+        window: agent.window,
+        latency_us: agent.latency,
+        unacked_batches: b,
+        unacked_points: p,
+        unacked_cpu_points: c,
+    }
+}
+
+impl Agent {
+    async fn run(&mut self) {
+        // Spread the agents' ticks over one interval so they do not send in lockstep.
+        let mut ticker = self.plan.interval.map(|d| {
+            let offset = d.mul_f64((self.id as f64 * 0.618_033_988_75).fract());
+            let mut t = tokio::time::interval_at(Instant::now() + offset, d);
+            t.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            t
+        });
+        let mut backoff = BACKOFF_INITIAL;
+        loop {
+            if self.finished() || Instant::now() >= self.plan.drain_deadline {
+                return;
+            }
+            let acked_before = self.total.batches_stored + self.total.batches_duplicate;
+            match self.stream(&mut ticker).await {
+                StreamEnd::Done => return,
+                StreamEnd::Failed(reason) => {
+                    self.count(Instant::now(), |c| c.stream_errors += 1);
+                    self.live.stream_errors.fetch_add(1, Ordering::Relaxed);
+                    if self.total.stream_errors <= 3 {
+                        eprintln!("agent {}: stream failed: {reason}", self.points.agent_id());
+                    }
+                    // Everything unacknowledged goes out again on the next stream.
+                    for p in self.in_flight.drain(..) {
+                        self.resend.insert(p.seq, p);
+                    }
+                    if self.total.batches_stored + self.total.batches_duplicate > acked_before {
+                        backoff = BACKOFF_INITIAL;
+                    }
+                    let wake = (Instant::now() + backoff).min(self.plan.drain_deadline);
+                    tokio::time::sleep_until(wake).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Generation is over and every batch is acknowledged.
+    fn finished(&self) -> bool {
+        self.stopping && self.resend.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// One `Push` stream, until it breaks or the agent is done.
+    async fn stream(&mut self, ticker: &mut Option<Interval>) -> StreamEnd {
+        let cap = self.plan.in_flight.max(1);
+        let (tx, rx) = mpsc::channel::<WriteBatch>(cap);
+        // Put the first batches on the stream before opening it: a server may wait for the first message.
+        if let Err(reason) = self.fill(&tx) {
+            return StreamEnd::Failed(reason);
+        }
+        let mut client = self.client.clone();
+        let call = client.push(ReceiverStream::new(rx));
+        let deadline = self.plan.drain_deadline;
+        let mut acks = tokio::select! {
+            r = call => match r {
+                Ok(response) => response.into_inner(),
+                Err(status) => return StreamEnd::Failed(format!("cannot open stream: {}", status_text(&status))),
+            },
+            () = tokio::time::sleep_until(deadline) => return StreamEnd::Done,
+        };
+        let mut last_ack = Instant::now();
+        loop {
+            if let Err(reason) = self.fill(&tx) {
+                return StreamEnd::Failed(reason);
+            }
+            if self.finished() {
+                return StreamEnd::Done;
+            }
+            let ack_deadline = self
+                .in_flight
+                .front()
+                .map_or(last_ack, |p| p.sent.max(last_ack))
+                + ACK_TIMEOUT;
+            let paused_until = self.paused_until;
+            tokio::select! {
+                biased;
+                m = acks.next() => match m {
+                    Some(Ok(ack)) => {
+                        last_ack = Instant::now();
+                        if let Err(reason) = self.on_ack(ack, last_ack) {
+                            return StreamEnd::Failed(reason);
+                        }
+                    }
+                    Some(Err(status)) => return StreamEnd::Failed(format!("stream error: {}", status_text(&status))),
+                    None => return StreamEnd::Failed("collector closed the stream".to_owned()),
+                },
+                () = tick(ticker), if !self.stopping => self.on_tick(),
+                () = sleep_until_opt(paused_until) => self.paused_until = None,
+                () = tokio::time::sleep_until(self.plan.stop), if !self.stopping => self.stopping = true,
+                () = tokio::time::sleep_until(deadline) => return StreamEnd::Done,
+                () = tokio::time::sleep_until(ack_deadline), if !self.in_flight.is_empty() => {
+                    return StreamEnd::Failed(format!(
+                        "no ack within {ACK_TIMEOUT:?} for seq {}",
+                        self.in_flight.front().map_or(0, |p| p.seq)
+                    ));
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let cap = self.plan.in_flight.max(1);
+        if self.tokens >= cap {
+            self.count(Instant::now(), |c| c.missed_ticks += 1);
+        } else {
+            self.tokens += 1;
+        }
+    }
+
+    /// Puts batches on the stream up to the window: resends first, then new batches if the schedule allows.
+    fn fill(&mut self, tx: &mpsc::Sender<WriteBatch>) -> Result<(), String> {
+        let now = Instant::now();
+        if self.stopping || now >= self.plan.stop {
+            self.stopping = true;
+        }
+        if self.paused_until.is_some_and(|t| t > now) {
+            return Ok(());
+        }
+        self.paused_until = None;
+        while self.in_flight.len() < self.plan.in_flight.max(1) {
+            let (mut pending, batch) = if let Some((_, p)) = self.resend.pop_first() {
+                let batch = self.points.batch(p.seq, p.time_unix_nano);
+                (Pending { resend: true, ..p }, batch)
+            } else if !self.stopping && self.tokens > 0 {
+                self.tokens = self.tokens.saturating_sub(1);
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let time = now_unix_nano().max(self.next_time);
+                self.next_time = time.saturating_add(self.points.batch_time_span_ns());
+                let batch = self.points.batch(seq, time);
+                let p = Pending {
+                    seq,
+                    time_unix_nano: time,
+                    points: batch.points.len() as u64,
+                    cpu_points: count_measurement(&batch, "cpu") as u64,
+                    sent: now,
+                    resend: false,
+                };
+                (p, batch)
+            } else {
+                break;
+            };
+            match tx.try_send(batch) {
+                Ok(()) => {}
+                Err(e) => {
+                    // The channel's capacity equals the window, so it is only ever closed, never full.
+                    self.resend.insert(pending.seq, pending);
+                    return Err(match e {
+                        mpsc::error::TrySendError::Full(_) => "request stream full".to_owned(),
+                        mpsc::error::TrySendError::Closed(_) => "request stream closed".to_owned(),
+                    });
+                }
+            }
+            pending.sent = Instant::now();
+            let resend = pending.resend;
+            self.count(pending.sent, |c| {
+                c.batches_sent += 1;
+                c.batches_resent += u64::from(resend);
+            });
+            self.in_flight.push_back(pending);
+        }
+        Ok(())
+    }
+
+    /// Applies one ack. An error breaks the stream (its batches are resent).
+    fn on_ack(&mut self, ack: Ack, now: Instant) -> Result<(), String> {
+        let Some(p) = self.in_flight.pop_front() else {
+            return Err(format!("ack for seq {} with nothing in flight", ack.seq));
+        };
+        if ack.seq != p.seq {
+            self.in_flight.push_front(p);
+            return Err(format!(
+                "ack for seq {} but seq {} was next",
+                ack.seq, p.seq
+            ));
+        }
+        let latency_us =
+            u64::try_from(now.saturating_duration_since(p.sent).as_micros()).unwrap_or(u64::MAX);
+        match AckStatus::try_from(ack.status) {
+            Ok(AckStatus::Stored) => {
+                self.record_latency(now, latency_us);
+                self.count(now, |c| {
+                    c.batches_stored += 1;
+                    c.points_stored += ack.points_stored;
+                    c.cpu_points_stored += p.cpu_points;
+                });
+                self.live.batches_stored.fetch_add(1, Ordering::Relaxed);
+                self.live
+                    .points_stored
+                    .fetch_add(ack.points_stored, Ordering::Relaxed);
+                if ack.points_stored != p.points && self.total.batches_stored <= 1 {
+                    eprintln!(
+                        "agent {}: seq {} acknowledged {} points stored, {} were sent",
+                        self.points.agent_id(),
+                        p.seq,
+                        ack.points_stored,
+                        p.points
+                    );
+                }
+            }
+            Ok(AckStatus::Duplicate) => {
+                self.record_latency(now, latency_us);
+                self.count(now, |c| {
+                    c.batches_duplicate += 1;
+                    c.points_duplicate += p.points;
+                    c.cpu_points_duplicate += p.cpu_points;
+                });
+            }
+            Ok(AckStatus::Rejected) => {
+                self.count(now, |c| c.rejected += 1);
+                let n = self.live.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                if n <= MAX_REJECT_MESSAGES {
+                    eprintln!(
+                        "BUG: collector REJECTED batch seq {} of {}: {}",
+                        p.seq,
+                        self.points.agent_id(),
+                        ack.message
+                    );
+                }
+            }
+            Ok(AckStatus::Retry) => {
+                self.count(now, |c| c.retry_acks += 1);
+                self.live.retry_acks.fetch_add(1, Ordering::Relaxed);
+                let wake = now + Duration::from_millis(ack.retry_after_ms.max(1));
+                self.paused_until = Some(self.paused_until.map_or(wake, |t| t.max(wake)));
+                self.resend.insert(p.seq, p);
+            }
+            Ok(AckStatus::Unspecified) | Err(_) => {
+                self.in_flight.push_front(p);
+                return Err(format!(
+                    "ack for seq {} has unknown status {}",
+                    ack.seq, ack.status
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn record_latency(&mut self, now: Instant, us: u64) {
+        if self.plan.in_window(now) {
+            self.latency.saturating_record(us.clamp(1, HIST_MAX_US));
+        }
+    }
+
+    /// Applies `f` to the run totals, and to the window counts if `at` is inside the measured window.
+    fn count(&mut self, at: Instant, f: impl Fn(&mut Counts)) {
+        f(&mut self.total);
+        if self.plan.in_window(at) {
+            f(&mut self.window);
+        }
+    }
+}
+
+async fn tick(ticker: &mut Option<Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_unix_nano() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}

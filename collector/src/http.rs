@@ -1,0 +1,230 @@
+//! The HTTP API: health and SQL.
+//!
+//! * `GET /health` — `200` with the store's counters as JSON.
+//! * `POST /api/v1/sql` — the body is one SQL statement (UTF-8 text). `?format=json` (default: an array of row
+//!   objects, nulls explicit), `csv` (with a header row) or `arrow` (an Arrow IPC stream, for clients that want
+//!   types). Errors are JSON `{"error": "..."}`; the status codes are listed on [`status_of`] (plus `400` for bad
+//!   parameters or an empty or non-UTF-8 body and `413` for a body over `max_sql_bytes`).
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::query::{QueryEngine, QueryError, QueryResult};
+use crate::store::Store;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub engine: QueryEngine,
+}
+
+/// The API router. `max_sql_bytes` bounds the request body.
+pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/v1/sql", post(sql))
+        .layer(DefaultBodyLimit::max(max_sql_bytes))
+        .fallback(not_found)
+        .with_state(Arc::new(state))
+        // A bug must cost one request a 500, not the server.
+        .layer(CatchPanicLayer::custom(|_| {
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error (a bug): the request panicked",
+            )
+        }))
+}
+
+/// An error as the API returns it.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.status, &self.message)
+    }
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Status codes for query failures: `400` for the query's own faults, `413` when the result is too large, `503`
+/// when the query needs more memory than it may have, `504` on timeout, `500` for the collector's faults.
+pub fn status_of(e: &QueryError) -> StatusCode {
+    match e {
+        QueryError::Invalid(_) => StatusCode::BAD_REQUEST,
+        QueryError::TooManyRows(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryError::ResourcesExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
+        QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        ApiError {
+            status: status_of(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+async fn health(State(api): State<Arc<ApiState>>) -> Response {
+    let stats = api.store.stats();
+    let body = serde_json::json!({
+        "status": "ok",
+        "shard": api.store.config().shard_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "store": stats,
+    });
+    axum::Json(body).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such endpoint; try GET /health or POST /api/v1/sql".into(),
+    }
+}
+
+/// Output formats of `/api/v1/sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Format, String> {
+        match s {
+            "json" => Ok(Format::Json),
+            "csv" => Ok(Format::Csv),
+            "arrow" => Ok(Format::Arrow),
+            other => Err(format!("unknown format {other:?}; use json, csv or arrow")),
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct SqlParams {
+    format: Option<String>,
+}
+
+async fn sql(
+    State(api): State<Arc<ApiState>>,
+    params: Result<Query<SqlParams>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let format = match params.format.as_deref() {
+        None => Format::Json,
+        Some(f) => Format::parse(f).map_err(ApiError::bad_request)?,
+    };
+    let body = body.map_err(|e| {
+        let message = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the SQL text is larger than the limit of {} bytes",
+                api.store.config().max_sql_bytes
+            )
+        } else {
+            format!("cannot read the request body: {}", e.body_text())
+        };
+        ApiError {
+            status: e.status(),
+            message,
+        }
+    })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::bad_request(format!("the SQL text is not valid UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "the request body is empty; send one SQL statement",
+        ));
+    }
+    let result = api.engine.sql(text).await?;
+    let bytes = encode(&result, format).map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("cannot encode the result as {format:?}: {e}"),
+    })?;
+    Ok((
+        [(header::CONTENT_TYPE, format.content_type())],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+/// Serialises a query result.
+pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, arrow::error::ArrowError> {
+    let batches: Vec<&RecordBatch> = result.batches.iter().collect();
+    let mut out = Vec::new();
+    match format {
+        Format::Json => {
+            let mut writer = arrow::json::WriterBuilder::new()
+                .with_explicit_nulls(true)
+                .build::<_, arrow::json::writer::JsonArray>(&mut out);
+            writer.write_batches(&batches)?;
+            writer.finish()?;
+            drop(writer);
+            // The writer emits nothing at all for zero rows; an empty result is still a JSON array.
+            if out.is_empty() {
+                out.extend_from_slice(b"[]");
+            }
+            out.push(b'\n');
+        }
+        Format::Csv => {
+            // Zero rows still get the header, so a client always learns the columns.
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(&mut out);
+            if batches.is_empty() {
+                writer.write(&RecordBatch::new_empty(result.schema.clone()))?;
+            }
+            for batch in batches {
+                writer.write(batch)?;
+            }
+        }
+        Format::Arrow => {
+            let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut out, &result.schema)?;
+            for batch in batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+        }
+    }
+    Ok(out)
+}

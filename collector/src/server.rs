@@ -1,0 +1,168 @@
+//! Runs one collector: the store, its flusher, the gRPC ingest server and the HTTP API, with an orderly shutdown.
+//!
+//! [`Collector::bind`] opens the store (replaying the WAL) and binds both listeners, so the caller learns the real
+//! addresses (port 0 picks a free one) before anything is served; [`Collector::run`] serves until the shutdown
+//! future completes, then stops accepting, gives open requests [`SHUTDOWN_GRACE`] to finish, and flushes the
+//! buffer to Parquet.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::CollectorConfig;
+use crate::error::{CollectorError, Result};
+use crate::grpc::IngestService;
+use crate::http::{ApiState, router};
+use crate::query::QueryEngine;
+use crate::store::Store;
+
+/// How long open streams and requests may run on after shutdown starts. Agents' push streams never end on their
+/// own, so they are cut after this; their unacknowledged batches are re-sent to the next collector.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// A collector whose store is open and whose sockets are bound.
+#[derive(Debug)]
+pub struct Collector {
+    store: Store,
+    engine: QueryEngine,
+    grpc: TcpListener,
+    http: TcpListener,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| CollectorError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| CollectorError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok((listener, local))
+}
+
+impl Collector {
+    /// Opens the store under `config.data_dir` and binds the gRPC and HTTP addresses.
+    pub async fn bind(config: CollectorConfig) -> Result<Collector> {
+        config.validate()?;
+        let open_config = config.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&open_config))
+            .await
+            .map_err(|e| CollectorError::Server(format!("opening the store failed: {e}")))??;
+        let engine = QueryEngine::new(store.clone(), config.query_limits())
+            .map_err(|e| CollectorError::Server(format!("cannot set up the query engine: {e}")))?;
+        let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
+        let (http, http_addr) = bind(config.http_addr).await?;
+        Ok(Collector {
+            store,
+            engine,
+            grpc,
+            http,
+            grpc_addr,
+            http_addr,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn engine(&self) -> &QueryEngine {
+        &self.engine
+    }
+
+    /// Serves until `shutdown` completes, then stops and flushes.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let config = self.store.config().clone();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            // An error means the sender is gone, which also means stop.
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+
+        let ingest =
+            IngestService::new(self.store.clone()).into_server(config.max_grpc_message_bytes);
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(ingest)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc),
+                stopped(stop_rx.clone()),
+            );
+        let mut grpc = tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) });
+
+        let api = router(
+            ApiState {
+                store: self.store.clone(),
+                engine: self.engine.clone(),
+            },
+            config.max_sql_bytes,
+        );
+        let http = axum::serve(self.http, api).with_graceful_shutdown(stopped(stop_rx.clone()));
+        let mut http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
+
+        let flush_store = self.store.clone();
+        let flusher = tokio::spawn({
+            let rx = stop_rx.clone();
+            async move { flush_store.run_flusher(stopped(rx)).await }
+        });
+
+        tracing::info!(grpc = %self.grpc_addr, http = %self.http_addr, data_dir = %config.data_dir.display(), "collector serving");
+        let failure = tokio::select! {
+            () = shutdown => None,
+            r = &mut grpc => Some(format!("gRPC server stopped: {}", outcome(r))),
+            r = &mut http => Some(format!("HTTP server stopped: {}", outcome(r))),
+        };
+        tracing::info!("collector shutting down");
+        let _ = stop_tx.send(true);
+        for (name, task) in [("gRPC", grpc), ("HTTP", http)] {
+            if task.is_finished() {
+                continue;
+            }
+            let abort = task.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err() {
+                tracing::info!(
+                    "{name} connections still open after {SHUTDOWN_GRACE:?}; closing them"
+                );
+                abort.abort();
+            }
+        }
+        // The flusher sees the stop signal and runs a last flush.
+        if let Err(e) = flusher.await {
+            tracing::error!(error = %e, "the flusher task failed; the WAL keeps the rows for the next start");
+        }
+        tracing::info!("collector stopped");
+        match failure {
+            Some(message) => Err(CollectorError::Server(message)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn outcome(
+    r: std::result::Result<std::result::Result<(), String>, tokio::task::JoinError>,
+) -> String {
+    match r {
+        Ok(Ok(())) => "ended".to_owned(),
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+    }
+}
