@@ -1,0 +1,360 @@
+//! Shared harness for the black-box tests: real `damselfly` and `damselfly-agent` processes on 127.0.0.1 with
+//! ephemeral ports, talked to over real sockets.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `damselfly` binary cargo built for these tests.
+pub fn damselfly_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
+}
+
+/// The `damselfly-agent` binary: another package's binary, so cargo does not build it for these tests; build it
+/// once (a no-op when `scripts/test.sh` or `cargo build --workspace` already did).
+pub fn agent_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = damselfly_bin().parent().unwrap().to_path_buf();
+            let path = dir.join(format!("damselfly-agent{}", std::env::consts::EXE_SUFFIX));
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args([
+                "build",
+                "-q",
+                "-p",
+                "damselfly-agent",
+                "--bin",
+                "damselfly-agent",
+            ]);
+            // The test binary lives in target/<profile>/deps; build the same profile.
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build for damselfly-agent");
+            assert!(status.success(), "cargo build -p damselfly-agent failed");
+            assert!(path.exists(), "{} missing after build", path.display());
+            path
+        })
+        .clone()
+}
+
+/// A running child process, killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+    stderr_log: PathBuf,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        let status = wait_timeout(&mut self.child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{} did not exit within 30 s of SIGTERM", self.name));
+        std::mem::forget(self);
+        status
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.stderr());
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} failed");
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A collector process and where it listens.
+pub struct CollectorProc {
+    pub proc: Proc,
+    pub grpc: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+}
+
+impl CollectorProc {
+    /// Starts `damselfly collector` on `data_dir` with free ports; `extra` are more flags. Returns once both
+    /// endpoints are printed and `/health` answers.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> CollectorProc {
+        Self::start_command("collector", data_dir, extra)
+    }
+
+    /// Same for `damselfly up` (collector plus the in-process agent).
+    pub fn start_up(data_dir: &Path, extra: &[&str]) -> CollectorProc {
+        Self::start_command("up", data_dir, extra)
+    }
+
+    fn start_command(command: &str, data_dir: &Path, extra: &[&str]) -> CollectorProc {
+        let stderr_log = data_dir.with_extension(format!("{command}.{}.stderr", unique()));
+        let mut child = Command::new(damselfly_bin())
+            .arg(command)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .spawn()
+            .expect("spawn damselfly");
+        let stdout = child.stdout.take().unwrap();
+        let mut proc = Proc {
+            child,
+            name: "damselfly",
+            stderr_log,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut grpc = None;
+            let mut http = None;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(v) = line.trim().strip_prefix("grpc: ") {
+                    grpc = Some(v.to_owned());
+                }
+                if let Some(v) = line.trim().strip_prefix("http: ") {
+                    http = Some(v.to_owned());
+                }
+                if let (Some(g), Some(h)) = (&grpc, &http) {
+                    let _ = tx.send((g.clone(), h.clone()));
+                    grpc = None;
+                }
+            }
+        });
+        let (grpc, http) = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addrs) => addrs,
+            Err(_) => {
+                let status = proc.child.try_wait().ok().flatten();
+                panic!(
+                    "damselfly {command} did not print its endpoints (exit: {status:?}):\n{}",
+                    proc.stderr()
+                );
+            }
+        };
+        let collector = CollectorProc {
+            proc,
+            grpc,
+            http,
+            data_dir: data_dir.to_path_buf(),
+        };
+        wait_until(Duration::from_secs(30), "collector /health", || {
+            http_get(&format!("{}/health", collector.http)).is_ok_and(|(code, _)| code == 200)
+        });
+        collector
+    }
+
+    /// Runs SQL over HTTP (JSON format) and returns the rows.
+    pub fn sql(&self, sql: &str) -> Vec<serde_json::Value> {
+        let (code, body) =
+            http_post(&format!("{}/api/v1/sql", self.http), sql.as_bytes()).expect("POST sql");
+        assert_eq!(code, 200, "{sql}: {body}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            .unwrap_or_else(|e| panic!("{sql}: {e}: {body}"))
+    }
+
+    /// `SELECT count(*)` of a table, 0 if the table does not exist yet.
+    pub fn count(&self, table: &str) -> u64 {
+        let (code, body) = http_post(
+            &format!("{}/api/v1/sql", self.http),
+            format!("SELECT count(*) AS n FROM {table}").as_bytes(),
+        )
+        .expect("POST sql");
+        if code != 200 {
+            return 0;
+        }
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        rows[0]["n"].as_u64().unwrap()
+    }
+}
+
+/// A `damselfly-agent` process.
+pub fn start_agent(collector_grpc: &str, state_dir: &Path, extra: &[&str]) -> Proc {
+    let stderr_log = state_dir.with_extension(format!("agent.{}.stderr", unique()));
+    let child = Command::new(agent_bin())
+        .args(["--collector", collector_grpc, "--interval", "1"])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_log).unwrap())
+        .spawn()
+        .expect("spawn damselfly-agent");
+    Proc {
+        child,
+        name: "damselfly-agent",
+        stderr_log,
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Polls `done` every 100 ms until it holds or `timeout` passes (then panics naming `what`).
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Minimal blocking HTTP/1.1 client over a real socket (keeps the tests free of an HTTP client stack).
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http:// URL");
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    // The server may answer (413) before reading a large body; a failed write is then not the test's concern.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no HTTP header in {:?}",
+                String::from_utf8_lossy(&raw)
+            ))
+        })?;
+    let header = String::from_utf8_lossy(&raw[..text_end]).to_string();
+    let code: u16 = header
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {header}")))?;
+    let mut payload = raw[text_end + 4..].to_vec();
+    if header
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        payload = dechunk(&payload);
+    }
+    Ok((code, payload))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&data[start..start + size]);
+        data = &data[start + size + 2..];
+    }
+    out
+}
+
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    http_request("GET", url, &[], b"").map(|(c, b)| (c, String::from_utf8_lossy(&b).into_owned()))
+}
+
+pub fn http_post(url: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    http_request("POST", url, &[("Content-Type", "text/plain")], body)
+        .map(|(c, b)| (c, String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// Every Parquet file under the store's `data/` directory.
+pub fn parquet_files(data_dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data_dir.join("data"), &mut out);
+    out.sort();
+    out
+}
+
+/// The Python interpreter that has `pyarrow` (installed by `scripts/test.sh`): the independent Parquet reader.
+pub fn python_with_pyarrow() -> String {
+    let python = std::env::var("DAMSELFLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import pyarrow.parquet"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{python} cannot import pyarrow: run the suite with `bash scripts/test.sh`, which installs it (or set \
+         DAMSELFLY_TEST_PYTHON to an interpreter that has it)"
+    );
+    python
+}
