@@ -298,18 +298,15 @@ pub fn http_request(
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
         let size =
             usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
-        if size == 0 {
+        let start = eol + 2;
+        if size == 0 || data.len() < start + size {
             break;
         }
-        let start = eol + 2;
         out.extend_from_slice(&data[start..start + size]);
-        data = &data[start + size + 2..];
+        data = &data[(start + size + 2).min(data.len())..];
     }
     out
 }
