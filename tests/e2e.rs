@@ -256,6 +256,9 @@ for path in sys.argv[1:]:
     entry['codecs'] = sorted(set(entry['codecs']) | codecs)
     if name == 'cpu':
         t = table.column('time').cast('int64').to_pylist()
+        # Sorted by series (tags in name order; one agent here, so `cpu` decides) then time.
+        keys = list(zip(table.column('cpu').to_pylist(), t))
+        entry['sorted'] = entry.get('sorted', True) and keys == sorted(keys)
         rows = zip(table.column('cpu').to_pylist(), t, table.column('usage_idle').to_pylist())
         entry.setdefault('cpu_rows', []).extend([list(r) for r in rows])
 print(json.dumps(out))
@@ -295,6 +298,7 @@ print(json.dumps(out))
             );
         }
     }
+    assert_eq!(read["cpu"]["sorted"], true, "cpu rows sorted by series then time in every file");
     // Value for value, the files hold what SQL showed before the crash.
     let mut from_files: Vec<(String, i64, f64)> = read["cpu"]["cpu_rows"]
         .as_array()
