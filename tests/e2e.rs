@@ -298,7 +298,10 @@ print(json.dumps(out))
             );
         }
     }
-    assert_eq!(read["cpu"]["sorted"], true, "cpu rows sorted by series then time in every file");
+    assert_eq!(
+        read["cpu"]["sorted"], true,
+        "cpu rows sorted by series then time in every file"
+    );
     // Value for value, the files hold what SQL showed before the crash.
     let mut from_files: Vec<(String, i64, f64)> = read["cpu"]["cpu_rows"]
         .as_array()
@@ -347,4 +350,104 @@ fn up_runs_collector_and_local_agent() {
     let again = CollectorProc::start(&store, &[]);
     assert!(again.count("cpu") >= n);
     assert!(again.proc.terminate().success());
+}
+
+fn point(
+    measurement: &str,
+    host: &str,
+    time: i64,
+    fields: Vec<damselfly_proto::v1::Field>,
+) -> damselfly_proto::v1::Point {
+    damselfly_proto::v1::Point {
+        measurement: measurement.into(),
+        tags: vec![damselfly_proto::v1::Tag {
+            key: "host".into(),
+            value: host.into(),
+        }],
+        fields,
+        time_unix_nano: time,
+    }
+}
+
+fn f64_field(key: &str, v: f64) -> damselfly_proto::v1::Field {
+    damselfly_proto::v1::Field {
+        key: key.into(),
+        value: Some(damselfly_proto::v1::field::Value::F64(v)),
+    }
+}
+
+/// A column added after some rows reached Parquet: files and buffer are read together under the merged schema, and
+/// the older rows read the new column as null.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_grows_across_parquet_files_and_buffer() {
+    use damselfly_proto::v1::{AckStatus, WriteBatch, ingest_client::IngestClient};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let collector = tokio::task::spawn_blocking(move || {
+        CollectorProc::start(&store, &["--flush-interval", "1"])
+    })
+    .await
+    .unwrap();
+    let mut client = IngestClient::connect(collector.grpc.clone()).await.unwrap();
+    let t0 = 1_700_000_000_000_000_000i64;
+    let first = WriteBatch {
+        agent_id: "schema-test".into(),
+        seq: 1,
+        common_tags: vec![],
+        points: vec![point("evolve", "a", t0, vec![f64_field("x", 1.0)])],
+    };
+    let ack = client.write(first).await.unwrap().into_inner();
+    assert_eq!(ack.status(), AckStatus::Stored, "{ack:?}");
+    let data_dir = collector.data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(
+            Duration::from_secs(20),
+            "the first row in a Parquet file",
+            || {
+                parquet_files(&data_dir)
+                    .iter()
+                    .any(|p| p.to_string_lossy().contains("/evolve/"))
+            },
+        )
+    })
+    .await
+    .unwrap();
+
+    // A new tag and a new field; this row stays in the buffer (no flush is awaited).
+    let mut second = point(
+        "evolve",
+        "b",
+        t0 + 1,
+        vec![f64_field("x", 2.0), f64_field("y", 20.0)],
+    );
+    second.tags.push(damselfly_proto::v1::Tag {
+        key: "rack".into(),
+        value: "r1".into(),
+    });
+    let ack = client
+        .write(WriteBatch {
+            agent_id: "schema-test".into(),
+            seq: 2,
+            common_tags: vec![],
+            points: vec![second],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.status(), AckStatus::Stored, "{ack:?}");
+
+    let rows = tokio::task::spawn_blocking(move || {
+        let rows = collector.sql("SELECT host, rack, x, y FROM evolve ORDER BY time");
+        assert!(collector.proc.terminate().success());
+        rows
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            serde_json::json!({"host": "a", "rack": null, "x": 1.0, "y": null}),
+            serde_json::json!({"host": "b", "rack": "r1", "x": 2.0, "y": 20.0}),
+        ]
+    );
 }
