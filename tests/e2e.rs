@@ -238,6 +238,14 @@ fn killed_collector_replays_its_wal_and_flushes_readable_parquet() {
         before,
         "after flush + restart: no loss, no duplicates"
     );
+    // Time filters prune files by their time range, and never drop a matching row.
+    let in_range = collector.sql(
+        "SELECT count(*) AS n FROM cpu WHERE time >= now() - interval '1 day' AND time <= now() + interval '1 day'",
+    );
+    assert_eq!(in_range[0]["n"].as_u64(), Some(before[0]));
+    let out_of_range =
+        collector.sql("SELECT count(*) AS n FROM cpu WHERE time < '2000-01-01T00:00:00Z'");
+    assert_eq!(out_of_range[0]["n"], 0);
     assert!(collector.proc.terminate().success());
 
     // An independent reader: pyarrow reads every file; its row counts and columns agree with SQL.

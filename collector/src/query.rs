@@ -15,6 +15,7 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -22,12 +23,15 @@ use datafusion::datasource::listing::{
 };
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::logical_expr::{
+    Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
-use crate::persist::conform;
+use crate::model::TIME_COLUMN;
+use crate::persist::{ParquetFile, conform};
 use crate::store::{Store, TableSnapshot};
 
 /// Why a query failed, classified so the HTTP layer can pick a status code.
@@ -186,13 +190,19 @@ impl SnapshotTable {
         }
     }
 
-    fn files_table(&self, state: &dyn Session) -> DfResult<Option<ListingTable>> {
-        if self.snapshot.files.is_empty() {
-            return Ok(None);
-        }
-        let urls = self
+    fn files_table(&self, state: &dyn Session, range: TimeRange) -> DfResult<Option<ListingTable>> {
+        // Files whose time range cannot match are not even opened.
+        let files: Vec<&ParquetFile> = self
             .snapshot
             .files
+            .iter()
+            .map(|f| f.as_ref())
+            .filter(|f| range.overlaps(f.min_time, f.max_time))
+            .collect();
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let urls = files
             .iter()
             .map(|f| {
                 let path = f.path.to_str().ok_or_else(|| {
@@ -249,7 +259,7 @@ impl TableProvider for SnapshotTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
-        if let Some(files) = self.files_table(state)? {
+        if let Some(files) = self.files_table(state, TimeRange::from_filters(filters))? {
             inputs.push(files.scan(state, projection, filters, limit).await?);
         }
         if let Some(buffer) = self.buffer_table()? {
@@ -262,5 +272,143 @@ impl TableProvider for SnapshotTable {
             inputs.push(empty.scan(state, projection, filters, limit).await?);
         }
         UnionExec::try_new(inputs)
+    }
+}
+
+/// Inclusive bounds on `time` (nanoseconds) implied by a query's filters; `None` = unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TimeRange {
+    min: Option<i64>,
+    max: Option<i64>,
+}
+
+impl TimeRange {
+    /// The conjunction of every `time <op> literal` and `time BETWEEN a AND b` among the (AND-ed) filters. Anything
+    /// else is ignored: the bounds only ever skip files that cannot match.
+    fn from_filters(filters: &[Expr]) -> TimeRange {
+        let mut range = TimeRange::default();
+        for filter in filters {
+            range.narrow(filter);
+        }
+        range
+    }
+
+    fn narrow(&mut self, expr: &Expr) {
+        match expr {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                if *op == Operator::And {
+                    self.narrow(left);
+                    self.narrow(right);
+                    return;
+                }
+                let (op, value) = match (
+                    is_time(left),
+                    timestamp_nanos(right),
+                    is_time(right),
+                    timestamp_nanos(left),
+                ) {
+                    (true, Some(v), _, _) => (*op, v),
+                    // `literal < time` is `time > literal`.
+                    (_, _, true, Some(v)) => match op.swap() {
+                        Some(op) => (op, v),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                match op {
+                    Operator::Eq => {
+                        self.at_least(value);
+                        self.at_most(value);
+                    }
+                    Operator::Gt => self.at_least(value.saturating_add(1)),
+                    Operator::GtEq => self.at_least(value),
+                    Operator::Lt => self.at_most(value.saturating_sub(1)),
+                    Operator::LtEq => self.at_most(value),
+                    _ => {}
+                }
+            }
+            Expr::Between(Between {
+                expr,
+                negated: false,
+                low,
+                high,
+            }) if is_time(expr) => {
+                if let (Some(lo), Some(hi)) = (timestamp_nanos(low), timestamp_nanos(high)) {
+                    self.at_least(lo);
+                    self.at_most(hi);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn at_least(&mut self, v: i64) {
+        self.min = Some(self.min.map_or(v, |m| m.max(v)));
+    }
+
+    fn at_most(&mut self, v: i64) {
+        self.max = Some(self.max.map_or(v, |m| m.min(v)));
+    }
+
+    fn overlaps(&self, min_time: i64, max_time: i64) -> bool {
+        self.min.is_none_or(|lo| max_time >= lo) && self.max.is_none_or(|hi| min_time <= hi)
+    }
+}
+
+fn is_time(expr: &Expr) -> bool {
+    matches!(expr, Expr::Column(c) if c.name == TIME_COLUMN)
+}
+
+/// A timestamp literal in nanoseconds (the optimizer has already folded casts of constants into literals).
+fn timestamp_nanos(expr: &Expr) -> Option<i64> {
+    let Expr::Literal(value, _) = expr else {
+        return None;
+    };
+    match value {
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampMicrosecond(Some(v), _) => v.checked_mul(1_000),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000_000),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::prelude::{col, lit};
+
+    fn ts(v: i64) -> Expr {
+        Expr::Literal(
+            ScalarValue::TimestampNanosecond(Some(v), Some("UTC".into())),
+            None,
+        )
+    }
+
+    #[test]
+    fn time_bounds_come_from_comparisons_and_between() {
+        let r = TimeRange::from_filters(&[col("time").gt_eq(ts(100)), col("time").lt(ts(200))]);
+        assert_eq!((r.min, r.max), (Some(100), Some(199)));
+        let r = TimeRange::from_filters(&[ts(100).lt(col("time")).and(col("host").eq(lit("a")))]);
+        assert_eq!((r.min, r.max), (Some(101), None));
+        let r = TimeRange::from_filters(&[col("time").between(ts(5), ts(9))]);
+        assert_eq!((r.min, r.max), (Some(5), Some(9)));
+        // An OR, a negation or another column gives no bound.
+        let r = TimeRange::from_filters(&[
+            col("time").gt(ts(1)).or(col("x").eq(lit(1))),
+            col("x").gt(lit(3)),
+        ]);
+        assert_eq!(r, TimeRange::default());
+    }
+
+    #[test]
+    fn overlap_is_inclusive() {
+        let r = TimeRange {
+            min: Some(10),
+            max: Some(20),
+        };
+        assert!(r.overlaps(20, 30) && r.overlaps(0, 10) && r.overlaps(12, 13));
+        assert!(!r.overlaps(21, 30) && !r.overlaps(0, 9));
+        assert!(TimeRange::default().overlaps(i64::MIN, i64::MAX));
     }
 }
