@@ -43,16 +43,19 @@ impl SeqSet {
         let mut end = seq;
         // Merge with the range ending right below.
         if let Some((&s, &e)) = self.ranges.range(..seq).next_back()
-            && e + 1 == seq
+            && e.checked_add(1) == Some(seq)
         {
             start = s;
             self.ranges.remove(&s);
         }
         // Merge with the range starting right above.
-        if let Some(e) = self.ranges.remove(&(seq + 1)) {
+        if let Some(e) = seq
+            .checked_add(1)
+            .and_then(|above| self.ranges.remove(&above))
+        {
             end = e;
         }
-        if start == self.floor + 1 {
+        if start == self.floor.saturating_add(1) {
             self.floor = end;
         } else {
             self.ranges.insert(start, end);
@@ -64,7 +67,7 @@ impl SeqSet {
         }
         // The floor may now touch the next range.
         while let Some((&s, &e)) = self.ranges.first_key_value() {
-            if s <= self.floor + 1 {
+            if s <= self.floor.saturating_add(1) {
                 self.floor = self.floor.max(e);
                 self.ranges.remove(&s);
             } else {
@@ -152,6 +155,20 @@ mod tests {
         assert_eq!(d.agents["a"].floor, 3);
         d.insert("a", 4);
         assert_eq!(d.agents["a"].floor, 5);
+    }
+
+    #[test]
+    fn extreme_sequence_numbers_do_not_overflow() {
+        let mut d = Dedup::default();
+        d.insert("a", u64::MAX);
+        d.insert("a", u64::MAX - 1);
+        d.insert("a", 1);
+        assert!(d.contains("a", u64::MAX) && d.contains("a", u64::MAX - 1) && d.contains("a", 1));
+        assert!(!d.contains("a", 2));
+        for seq in 2..=3 {
+            d.insert("a", seq);
+        }
+        assert_eq!(d.agents["a"].floor, 3);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .route("/api/v1/sql", post(sql))
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))
         // A bug must cost one request a 500, not the server.
         .layer(CatchPanicLayer::custom(|_| {
@@ -96,13 +97,26 @@ impl From<QueryError> for ApiError {
 
 async fn health(State(api): State<Arc<ApiState>>) -> Response {
     let stats = api.store.stats();
-    let body = serde_json::json!({
-        "status": "ok",
+    let alive = api.store.writer_alive();
+    let mut body = serde_json::json!({
+        "status": if alive { "ok" } else { "failed" },
         "shard": api.store.config().shard_id,
         "version": env!("CARGO_PKG_VERSION"),
         "store": stats,
     });
-    axum::Json(body).into_response()
+    if alive {
+        return axum::Json(body).into_response();
+    }
+    body["error"] =
+        "the WAL writer has stopped: no write can be acknowledged; see the collector's log".into();
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "method not allowed: use GET /health or POST /api/v1/sql".into(),
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -216,6 +216,12 @@ impl Store {
         &self.inner.config
     }
 
+    /// Whether the WAL writer thread is running. It only stops at shutdown or after a bug (a panic); then no write
+    /// can be acknowledged and `/health` reports the store as failed.
+    pub fn writer_alive(&self) -> bool {
+        !self.inner.writer.is_closed()
+    }
+
     /// Validates, deduplicates, makes durable and buffers one batch.
     pub async fn write(&self, batch: WriteBatch) -> WriteOutcome {
         let limits = BatchLimits {
