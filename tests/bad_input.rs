@@ -1214,7 +1214,10 @@ async fn wrong_methods_and_unknown_paths_are_refused() {
 
     let (code, body) = http_get(&format!("{}/api/v1/sql", c.http)).unwrap();
     assert_eq!(code, 405, "GET /api/v1/sql: {body}");
-    assert!(body.contains("\"error\"") && body.contains("POST /api/v1/sql"), "405 is a JSON error: {body}");
+    assert!(
+        body.contains("\"error\"") && body.contains("POST /api/v1/sql"),
+        "405 is a JSON error: {body}"
+    );
     let (code, body) = http_request("PUT", &format!("{}/api/v1/sql", c.http), &[], b"SELECT 1")
         .map(|(c, b)| (c, String::from_utf8_lossy(&b).into_owned()))
         .unwrap();
