@@ -141,7 +141,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     });
     let live = Arc::new(Live::default());
     eprintln!(
-        "damselfly-loadgen: run {run_id}: {} agents on {connections} connections to {}, {} points/batch, in-flight {}, {}, \
+        "damselfly-loadgen: run {run_id}: {} agents on {connections} connection(s) to {}, {} points/batch, in-flight {}, {}, \
          warm-up {} s, measuring {} s",
         args.agents,
         args.collector,
@@ -337,7 +337,7 @@ impl Summary {
             ms => format!("interval {ms} ms"),
         };
         format!(
-            "== damselfly-loadgen run {run}: {agents} agents / {conns} connections -> {url}, {ppb} points/batch, \
+            "== damselfly-loadgen run {run}: {agents} agents / {conns} connection(s) -> {url}, {ppb} points/batch, \
              in-flight {inf}, {interval}\n\
              measured {secs:.1} s (after {warm} s warm-up):\n\
              \x20 throughput  {bps:>12.1} batches/s  {pps:>14.1} points/s (acknowledged STORED)\n\

@@ -28,8 +28,9 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Highest latency the histogram holds (µs); larger values are clamped.
 const HIST_MAX_US: u64 = 3_600_000_000;
-/// Only this many REJECTED messages are printed (they are all counted).
+/// Only this many REJECTED messages, and this many stream failures, are printed (all are counted).
 const MAX_REJECT_MESSAGES: u64 = 20;
+const MAX_ERROR_MESSAGES: u64 = 10;
 
 /// The schedule all agents share.
 #[derive(Debug, Clone)]
@@ -187,8 +188,9 @@ pub async fn run_agent(
         in_flight: VecDeque::with_capacity(plan.in_flight),
         paused_until: None,
         stopping: false,
+        // With an interval, the first batch goes at the agent's first (staggered) tick.
         tokens: if plan.interval.is_some() {
-            1
+            0
         } else {
             usize::MAX
         },
@@ -234,9 +236,12 @@ impl Agent {
                 StreamEnd::Done => return,
                 StreamEnd::Failed(reason) => {
                     self.count(Instant::now(), |c| c.stream_errors += 1);
-                    self.live.stream_errors.fetch_add(1, Ordering::Relaxed);
-                    if self.total.stream_errors <= 3 {
+                    let n = self.live.stream_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n <= MAX_ERROR_MESSAGES {
                         eprintln!("agent {}: stream failed: {reason}", self.points.agent_id());
+                        if n == MAX_ERROR_MESSAGES {
+                            eprintln!("(further stream failures are only counted)");
+                        }
                     }
                     // Everything unacknowledged goes out again on the next stream.
                     for p in self.in_flight.drain(..) {
@@ -277,19 +282,43 @@ impl Agent {
             () = tokio::time::sleep_until(deadline) => return StreamEnd::Done,
         };
         let mut last_ack = Instant::now();
+        // One timer for the drain deadline, the end of the run, the end of a RETRY pause and the ack timeout.
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
         loop {
+            // `fill` also notices the end of the run and of a pause.
             if let Err(reason) = self.fill(&tx) {
                 return StreamEnd::Failed(reason);
             }
             if self.finished() {
                 return StreamEnd::Done;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return StreamEnd::Done;
+            }
             let ack_deadline = self
                 .in_flight
                 .front()
-                .map_or(last_ack, |p| p.sent.max(last_ack))
-                + ACK_TIMEOUT;
-            let paused_until = self.paused_until;
+                .map(|p| p.sent.max(last_ack) + ACK_TIMEOUT);
+            if let Some(t) = ack_deadline
+                && now >= t
+            {
+                return StreamEnd::Failed(format!(
+                    "no ack within {ACK_TIMEOUT:?} for seq {}",
+                    self.in_flight.front().map_or(0, |p| p.seq)
+                ));
+            }
+            let mut wake = deadline;
+            if !self.stopping {
+                wake = wake.min(self.plan.stop);
+            }
+            for t in [self.paused_until, ack_deadline].into_iter().flatten() {
+                wake = wake.min(t);
+            }
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 biased;
                 m = acks.next() => match m {
@@ -303,15 +332,7 @@ impl Agent {
                     None => return StreamEnd::Failed("collector closed the stream".to_owned()),
                 },
                 () = tick(ticker), if !self.stopping => self.on_tick(),
-                () = sleep_until_opt(paused_until) => self.paused_until = None,
-                () = tokio::time::sleep_until(self.plan.stop), if !self.stopping => self.stopping = true,
-                () = tokio::time::sleep_until(deadline) => return StreamEnd::Done,
-                () = tokio::time::sleep_until(ack_deadline), if !self.in_flight.is_empty() => {
-                    return StreamEnd::Failed(format!(
-                        "no ack within {ACK_TIMEOUT:?} for seq {}",
-                        self.in_flight.front().map_or(0, |p| p.seq)
-                    ));
-                }
+                () = &mut timer => {}
             }
         }
     }
@@ -478,13 +499,6 @@ async fn tick(ticker: &mut Option<Interval>) {
     }
 }
 
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
-}
-
 fn now_unix_nano() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -493,4 +507,189 @@ fn now_unix_nano() -> i64 {
 
 fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver against an in-process fake collector that answers RETRY, breaks streams after storing a batch
+    //! (so its resend is a DUPLICATE) and checks the protocol (seqs, acks in order).
+
+    use std::collections::HashMap;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+
+    use damselfly_proto::v1::ingest_server::{Ingest, IngestServer};
+    use futures::Stream;
+    use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeState {
+        /// Per agent: stored seqs (with point counts), and seqs already answered RETRY once.
+        stored: HashMap<String, BTreeMap<u64, usize>>,
+        retried: HashMap<String, Vec<u64>>,
+        /// Streams opened per agent.
+        streams: HashMap<String, u32>,
+        duplicates: u64,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<FakeState>>);
+
+    type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl Ingest for Fake {
+        type PushStream = AckStream;
+
+        async fn push(
+            &self,
+            request: Request<Streaming<WriteBatch>>,
+        ) -> Result<Response<AckStream>, Status> {
+            let mut input = request.into_inner();
+            let state = self.0.clone();
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                let mut on_stream = 0u32;
+                while let Some(Ok(batch)) = input.next().await {
+                    on_stream += 1;
+                    let (ack, break_after) = {
+                        let mut st = state.lock().expect("fake state lock");
+                        if on_stream == 1 {
+                            *st.streams.entry(batch.agent_id.clone()).or_default() += 1;
+                        }
+                        let first_stream = st.streams[&batch.agent_id] == 1;
+                        let retried = st.retried.entry(batch.agent_id.clone()).or_default();
+                        if batch.seq % 7 == 0 && !retried.contains(&batch.seq) {
+                            retried.push(batch.seq);
+                            let ack = Ack {
+                                seq: batch.seq,
+                                status: AckStatus::Retry as i32,
+                                retry_after_ms: 30,
+                                ..Ack::default()
+                            };
+                            (ack, false)
+                        } else {
+                            let stored = st.stored.entry(batch.agent_id.clone()).or_default();
+                            let n = batch.points.len();
+                            let new = stored.insert(batch.seq, n).is_none();
+                            let ack = if new {
+                                Ack {
+                                    seq: batch.seq,
+                                    status: AckStatus::Stored as i32,
+                                    points_stored: n as u64,
+                                    ..Ack::default()
+                                }
+                            } else {
+                                st.duplicates += 1;
+                                Ack {
+                                    seq: batch.seq,
+                                    status: AckStatus::Duplicate as i32,
+                                    ..Ack::default()
+                                }
+                            };
+                            // The first stream of every agent breaks right after storing its 10th batch.
+                            (ack, first_stream && on_stream == 10)
+                        }
+                    };
+                    if break_after {
+                        let _ = tx
+                            .send(Err(Status::unavailable("fake collector drops the stream")))
+                            .await;
+                        return;
+                    }
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+
+        async fn write(&self, _request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retry_broken_streams_and_duplicates_are_handled() {
+        let fake = Fake::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let server = IngestServer::new(fake.clone())
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Zstd);
+        let serve = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+
+        let now = Instant::now();
+        let plan = Arc::new(Plan {
+            measure_start: now,
+            stop: now + Duration::from_millis(800),
+            drain_deadline: now + Duration::from_secs(10),
+            interval: None,
+            in_flight: 4,
+        });
+        let live = Arc::new(Live::default());
+        let agents = 3;
+        let mut tasks = Vec::new();
+        for i in 0..agents {
+            let points = PointGen::new("test", i, 25);
+            tasks.push(tokio::spawn(run_agent(
+                i,
+                points,
+                channel.clone(),
+                plan.clone(),
+                live.clone(),
+            )));
+        }
+        let mut total = Counts::default();
+        for t in tasks {
+            let r = t.await.expect("agent task");
+            assert_eq!(r.unacked_batches, 0);
+            assert!(!r.latency_us.is_empty());
+            total.add(&r.total);
+        }
+        serve.abort();
+
+        let st = fake.0.lock().expect("fake state lock");
+        assert_eq!(st.stored.len(), agents);
+        let mut stored_batches = 0;
+        for (agent, seqs) in &st.stored {
+            // Every seq from 1 up to the last one was stored exactly once, none lost.
+            let last = *seqs.keys().next_back().expect("something stored");
+            assert!(last > 20, "{agent}: only {last} batches");
+            assert_eq!(seqs.len() as u64, last, "{agent}: gaps in {seqs:?}");
+            assert!(seqs.values().all(|&n| n == 25));
+            stored_batches += seqs.len() as u64;
+        }
+        assert_eq!(
+            total.batches_stored + total.batches_duplicate,
+            stored_batches
+        );
+        assert_eq!(total.points_stored, total.batches_stored * 25);
+        assert_eq!(total.batches_duplicate, st.duplicates);
+        assert!(total.batches_duplicate >= agents as u64, "{total:?}");
+        assert!(
+            total.retry_acks > 0 && total.stream_errors >= agents as u64,
+            "{total:?}"
+        );
+        assert!(total.batches_resent > 0 && total.rejected == 0, "{total:?}");
+        assert_eq!(
+            live.batches_stored.load(Ordering::Relaxed),
+            total.batches_stored
+        );
+    }
 }
