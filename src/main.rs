@@ -3,6 +3,7 @@
 //! * `damselfly up` — a collector on a local store plus an agent for this machine, in one process.
 //! * `damselfly collector` — the collector alone.
 //! * `damselfly sql "SELECT ..."` — runs SQL on a collector and prints the result.
+//! * `damselfly agents` — lists the agents a collector knows, with their status.
 //!
 //! Exit codes: 0 success, 1 runtime failure (or a query error), 2 invalid configuration or usage.
 
@@ -45,6 +46,8 @@ enum Command {
     },
     /// Run one SQL statement on a collector and print the result.
     Sql(SqlArgs),
+    /// List the agents a collector knows (registered or seen from their batches), with their status.
+    Agents(AgentsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +133,34 @@ struct SqlArgs {
     timeout: u64,
 }
 
+#[derive(Debug, Args)]
+struct AgentsArgs {
+    /// The collector's HTTP API.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DAMSELFLY_URL",
+        default_value = "http://127.0.0.1:8086"
+    )]
+    url: String,
+    /// Output format: an aligned table, or the API's JSON array (every field).
+    #[arg(long, value_enum, default_value_t = AgentsFormat::Table)]
+    format: AgentsFormat,
+    /// Only agents with this status.
+    #[arg(long, value_name = "STATUS", value_parser = ["healthy", "stale", "down", "unregistered"])]
+    status: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AgentsFormat {
+    /// An aligned table of the main fields.
+    Table,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OutputFormat {
     /// An aligned table.
@@ -159,6 +190,7 @@ fn main() -> ExitCode {
             } => up(&collector, interval).await,
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
+            Command::Agents(args) => agents(args).await,
         }
     })
 }
@@ -218,7 +250,7 @@ async fn up(args: &CollectorArgs, interval: u64) -> ExitCode {
     };
     let data_dir = collector.store().config().data_dir.clone();
     let agent_config = AgentConfig {
-        collector: format!("http://{}", collector.grpc_addr()),
+        collector: Some(format!("http://{}", collector.grpc_addr())),
         interval,
         state_dir: Some(data_dir.join("agent")),
         ..AgentConfig::default()
@@ -414,4 +446,154 @@ fn render_table(ipc: &[u8]) -> Result<Vec<u8>, String> {
     .map_err(|e| format!("cannot format the result: {e}"))?;
     let noun = if rows == 1 { "row" } else { "rows" };
     Ok(format!("{table}\n({rows} {noun})\n").into_bytes())
+}
+
+async fn agents(args: AgentsArgs) -> ExitCode {
+    match run_agents(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(SqlFailure { message, code }) => {
+            eprintln!("damselfly agents: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run_agents(args: &AgentsArgs) -> Result<(), SqlFailure> {
+    let base = args.url.trim_end_matches('/');
+    let mut url = format!("{base}/api/v1/agents");
+    if let Some(status) = &args.status {
+        url.push_str("?status=");
+        url.push_str(status);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.timeout))
+        .no_proxy()
+        .build()
+        .map_err(|e| failure(1)(format!("cannot build the HTTP client: {e}")))?;
+    let response = client.get(&url).send().await.map_err(|e| {
+        failure(1)(format!(
+            "cannot reach the collector at {base}: {e} (is `damselfly up` running?)"
+        ))
+    })?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| failure(1)(format!("cannot read the response from {base}: {e}")))?;
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body);
+    if !status.is_success() {
+        let message = parsed
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(failure(1)(format!("{status}: {message}")));
+    }
+    let agents = match parsed {
+        Ok(serde_json::Value::Array(agents)) => agents,
+        _ => {
+            return Err(failure(1)(format!(
+                "the collector at {base} did not answer with a JSON array of agents"
+            )));
+        }
+    };
+    let output = match args.format {
+        AgentsFormat::Json => {
+            let mut text = serde_json::to_string_pretty(&agents)
+                .map_err(|e| failure(1)(format!("cannot format the agents: {e}")))?;
+            text.push('\n');
+            text
+        }
+        AgentsFormat::Table => render_agents(&agents),
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(output.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(failure(1)(format!("cannot write to stdout: {e}"))),
+    }
+}
+
+/// The agents of `GET /api/v1/agents` as an aligned table (`-` for an empty value), with the count under it.
+fn render_agents(agents: &[serde_json::Value]) -> String {
+    const HEADER: [&str; 11] = [
+        "agent_id",
+        "ns_id",
+        "mcis_id",
+        "vm_id",
+        "csp",
+        "region",
+        "hostname",
+        "mode",
+        "status",
+        "last_seen",
+        "version",
+    ];
+    let text = |v: &serde_json::Value| -> String {
+        let s = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        // Keep one agent on one line whatever its tags hold.
+        let s: String = s
+            .chars()
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect();
+        if s.is_empty() { "-".to_owned() } else { s }
+    };
+    let mut rows: Vec<Vec<String>> = vec![HEADER.iter().map(|h| (*h).to_owned()).collect()];
+    for a in agents {
+        let tag = |k: &str| text(&a["identity"][k]);
+        let last_seen = a["last_seen_secs_ago"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |secs| format!("{} ago", age(secs)));
+        rows.push(vec![
+            text(&a["agent_id"]),
+            tag("ns_id"),
+            tag("mcis_id"),
+            tag("vm_id"),
+            tag("csp"),
+            tag("region"),
+            tag("hostname"),
+            text(&a["mode"]),
+            text(&a["status"]),
+            last_seen,
+            text(&a["version"]),
+        ]);
+    }
+    let mut widths = [0usize; HEADER.len()];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let n = agents.len();
+    out.push_str(&format!(
+        "({n} {})\n",
+        if n == 1 { "agent" } else { "agents" }
+    ));
+    out
+}
+
+/// A duration for humans: `42s`, `3m05s`, `2h07m`, `3d04h`.
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
+    }
 }

@@ -1,8 +1,14 @@
 //! Agent configuration: defaults, TOML loading and validation.
 //!
-//! Precedence is defaults < config file < command-line flags; the binary applies the flags after [`AgentConfig::load`],
-//! then calls [`AgentConfig::validate`] before anything runs.
+//! Precedence is defaults < config file < command-line flags (or their `DAMSELFLY_*` environment variables); the
+//! binary applies the flags after [`AgentConfig::load`], then calls [`AgentConfig::validate`] before anything runs.
+//!
+//! Modes: with `collector` set the agent pushes to it; with `listen` set it serves its batches for a collector to
+//! pull (and `/metrics`); at least one of the two is required. Pending batches live in a disk spool under
+//! `spool_dir` (by default `<state_dir>/spool`), or in memory when there is neither.
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -15,13 +21,29 @@ pub const IDENTITY_TAG_KEYS: [&str; 9] = [
 /// Tag values are at most 64 KiB on the wire (see `ingest.proto`).
 const MAX_TAG_VALUE_BYTES: usize = 64 * 1024;
 
+/// Smallest `spool_max_bytes`: a spool smaller than a few rounds would drop data at the first hiccup.
+pub const MIN_SPOOL_MAX_BYTES: u64 = 1 << 20;
+/// Default `spool_max_bytes` (256 MiB: days of outage at the default interval on a typical VM).
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
+/// Largest `top_n`.
+pub const MAX_TOP_N: usize = 1000;
+
 /// Everything an agent needs to know. Every key is optional in the file; unknown keys are an error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Collector gRPC endpoint, `http://host:port`. Default `http://127.0.0.1:4317`. (TLS is not built in yet, so
-    /// `https://` is rejected.)
-    pub collector: String,
+    /// Collector gRPC endpoint for push mode, `http://host:port`. Default: none (no push; then `listen` is
+    /// required). TLS is not built in yet, so `https://` is rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// Address of the agent's own server (pull mode: `MetricsSource.Pull` for collectors; also `/metrics` and
+    /// `/health`), e.g. `0.0.0.0:9100`. Default: none (no server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `host:port` the collector should pull from, sent when registering. Default: `listen` (set this when the
+    /// agent listens on `0.0.0.0` or sits behind NAT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_addr: Option<String>,
     /// Seconds between collection rounds. Default 10, at least 1.
     pub interval: u64,
     /// Namespace id (Cloud-Barista `ns`). Default `"default"`.
@@ -45,23 +67,41 @@ pub struct AgentConfig {
     /// of those changes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
-    /// Directory for the agent's durable state (today: the batch sequence number). Default: none, in which case
-    /// sequence numbers start from the wall clock so a restarted agent never reuses one (see `seq.rs`).
+    /// Directory for the agent's durable state (the batch sequence number, and the spool by default). Default:
+    /// none, in which case sequence numbers start from the wall clock so a restarted agent never reuses one (see
+    /// `seq.rs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// Directory of the disk spool that keeps unacknowledged batches across outages and restarts (see `spool.rs`).
+    /// Default: `<state_dir>/spool` when `state_dir` is set; otherwise none, and batches wait in memory
+    /// (`max_pending_batches`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+    /// Most bytes the spool may take on disk; when full the oldest batches are dropped (counted and logged).
+    /// Default 256 MiB, at least 1 MiB.
+    pub spool_max_bytes: u64,
+    /// Measurements to collect. Default: every one the agent knows (`probes::ALL_MEASUREMENTS`).
+    pub measurements: Vec<String>,
+    /// `procstat_top`: how many processes to report by CPU and by memory. Default 5, at most 1000; 0 reports none.
+    pub top_n: usize,
+    /// Seconds between heartbeats to the collector (the collector's answer to registration may override it).
+    /// Default 10, 1..=3600.
+    pub heartbeat_secs: u64,
     /// Most points in one `WriteBatch`; a round with more points is split. Default 5000.
     pub batch_max_points: usize,
     /// Most batches sent on the stream and not yet acknowledged. Default 8.
     pub max_in_flight: usize,
-    /// Most batches kept in memory until acknowledged; when full the oldest is dropped (and counted). Default 1000
-    /// (at the default interval that is ~2.7 hours of a collector outage).
+    /// Most batches kept in memory until acknowledged, when there is no spool; when full the oldest is dropped
+    /// (and counted). Default 1000 (at the default interval that is ~2.7 hours of a collector outage).
     pub max_pending_batches: usize,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            collector: "http://127.0.0.1:4317".to_owned(),
+            collector: None,
+            listen: None,
+            advertise_addr: None,
             interval: 10,
             ns_id: "default".to_owned(),
             mcis_id: "default".to_owned(),
@@ -73,6 +113,14 @@ impl Default for AgentConfig {
             os_type: std::env::consts::OS.to_owned(),
             agent_id: None,
             state_dir: None,
+            spool_dir: None,
+            spool_max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            measurements: crate::probes::ALL_MEASUREMENTS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+            top_n: crate::probes::DEFAULT_TOP_N,
+            heartbeat_secs: 10,
             batch_max_points: 5000,
             max_in_flight: 8,
             max_pending_batches: 1000,
@@ -132,6 +180,8 @@ impl AgentConfig {
         let mut effective = self.clone();
         effective.vm_id = self.effective_vm_id().to_owned();
         effective.agent_id = Some(self.effective_agent_id());
+        effective.spool_dir = self.effective_spool_dir();
+        effective.advertise_addr = self.effective_advertise_addr();
         // Serializing plain strings, integers and paths cannot fail; fall back to Debug rather than panic.
         toml::to_string_pretty(&effective)
             .unwrap_or_else(|e| format!("# cannot render config: {e}\n# {effective:?}\n"))
@@ -139,33 +189,102 @@ impl AgentConfig {
 
     /// Checks ranges and values; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.collector.is_none() && self.listen.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "collector",
+                reason: "and `listen` are both unset: nothing to do: set `collector` (push mode) or `listen` \
+                         (pull mode)"
+                    .to_owned(),
+            });
+        }
+        self.validate_settings()
+    }
+
+    /// Everything [`AgentConfig::validate`] checks except that a mode is set: for `--once`, which needs none.
+    pub fn validate_settings(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
 
-        match self.collector.split_once("://") {
-            Some(("http", rest)) if !rest.is_empty() => {}
-            Some(("https", _)) => {
+        if let Some(collector) = &self.collector {
+            match collector.split_once("://") {
+                Some(("http", rest)) if !rest.is_empty() => {}
+                Some(("https", _)) => {
+                    return invalid(
+                        "collector",
+                        format!("is {collector:?}: TLS is not supported yet, use http://"),
+                    );
+                }
+                _ => {
+                    return invalid(
+                        "collector",
+                        format!("must be a URL like http://127.0.0.1:4317, got {collector:?}"),
+                    );
+                }
+            }
+            if tonic::transport::Endpoint::from_shared(collector.clone()).is_err() {
+                return invalid("collector", format!("is not a valid URL: {collector:?}"));
+            }
+        }
+        if let Some(addr) = &self.advertise_addr {
+            if self.listen.is_none() {
                 return invalid(
-                    "collector",
-                    format!(
-                        "is {:?}: TLS is not supported yet, use http://",
-                        self.collector
-                    ),
+                    "advertise_addr",
+                    "is only used in pull mode: set `listen` too (or remove it)".to_owned(),
                 );
             }
-            _ => {
+            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok
+                || addr.chars().any(|c| c.is_whitespace() || c.is_control())
+                || addr.contains("://")
+            {
                 return invalid(
-                    "collector",
+                    "advertise_addr",
                     format!(
-                        "must be a URL like http://127.0.0.1:4317, got {:?}",
-                        self.collector
+                        "must be host:port as the collector reaches this agent, e.g. 10.0.0.7:9100, got {addr:?}"
                     ),
                 );
             }
         }
-        if tonic::transport::Endpoint::from_shared(self.collector.clone()).is_err() {
+        if let Some(dir) = &self.spool_dir
+            && dir.as_os_str().is_empty()
+        {
             return invalid(
-                "collector",
-                format!("is not a valid URL: {:?}", self.collector),
+                "spool_dir",
+                "must not be empty (leave it out for the default)".to_owned(),
+            );
+        }
+        if self.spool_max_bytes < MIN_SPOOL_MAX_BYTES {
+            return invalid(
+                "spool_max_bytes",
+                format!(
+                    "must be at least {MIN_SPOOL_MAX_BYTES} (1 MiB), got {}",
+                    self.spool_max_bytes
+                ),
+            );
+        }
+        if self.measurements.is_empty() {
+            return invalid(
+                "measurements",
+                format!(
+                    "must name at least one measurement (known: {})",
+                    crate::probes::ALL_MEASUREMENTS.join(", ")
+                ),
+            );
+        }
+        if let Err(reason) = crate::probes::validate_measurements(&self.measurements) {
+            return invalid("measurements", reason);
+        }
+        if self.top_n > MAX_TOP_N {
+            return invalid(
+                "top_n",
+                format!("must be at most {MAX_TOP_N}, got {}", self.top_n),
+            );
+        }
+        if !(1..=3600).contains(&self.heartbeat_secs) {
+            return invalid(
+                "heartbeat_secs",
+                format!("must be 1..=3600, got {}", self.heartbeat_secs),
             );
         }
         if self.interval < 1 {
@@ -235,6 +354,32 @@ impl AgentConfig {
             );
         }
         Ok(())
+    }
+
+    /// `spool_dir`, or `<state_dir>/spool`; `None` means the in-memory queue.
+    pub fn effective_spool_dir(&self) -> Option<PathBuf> {
+        self.spool_dir
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join("spool")))
+    }
+
+    /// `advertise_addr`, or `listen` as text; `None` when not in pull mode.
+    pub fn effective_advertise_addr(&self) -> Option<String> {
+        self.advertise_addr
+            .clone()
+            .or_else(|| self.listen.map(|a| a.to_string()))
+    }
+
+    /// The probes' options from `measurements` and `top_n`.
+    pub fn probe_options(&self) -> crate::probes::ProbeOptions {
+        crate::probes::ProbeOptions {
+            measurements: self
+                .measurements
+                .iter()
+                .cloned()
+                .collect::<BTreeSet<String>>(),
+            top_n: self.top_n,
+        }
     }
 
     /// `vm_id`, or the host name when it is not set.
@@ -322,14 +467,61 @@ fn fnv1a_128(bytes: &[u8]) -> u128 {
 mod tests {
     use super::*;
 
+    /// The defaults plus a collector: the smallest valid push configuration.
+    fn push() -> AgentConfig {
+        AgentConfig {
+            collector: Some("http://127.0.0.1:4317".into()),
+            ..AgentConfig::default()
+        }
+    }
+
     #[test]
-    fn defaults_are_valid() {
+    fn defaults_need_a_mode_and_are_otherwise_valid() {
         let c = AgentConfig::default();
-        c.validate().expect("defaults validate");
-        assert_eq!(c.collector, "http://127.0.0.1:4317");
+        assert_eq!(c.collector, None);
         assert_eq!(c.interval, 10);
         assert_eq!(c.os_type, std::env::consts::OS);
         assert!(!c.hostname.is_empty());
+        assert_eq!(c.spool_max_bytes, 256 << 20);
+        assert_eq!((c.top_n, c.heartbeat_secs), (5, 10));
+        assert_eq!(c.measurements, crate::probes::ALL_MEASUREMENTS);
+        let msg = c.validate().expect_err("no mode").to_string();
+        assert!(
+            msg.contains("nothing to do: set `collector` (push mode) or `listen` (pull mode)"),
+            "{msg}"
+        );
+        push().validate().expect("push mode validates");
+        let pull = AgentConfig {
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ..AgentConfig::default()
+        };
+        pull.validate().expect("pull mode validates");
+        assert_eq!(
+            pull.effective_advertise_addr().as_deref(),
+            Some("127.0.0.1:0")
+        );
+        assert_eq!(push().effective_advertise_addr(), None);
+    }
+
+    #[test]
+    fn spool_dir_defaults_under_state_dir() {
+        assert_eq!(push().effective_spool_dir(), None);
+        let c = AgentConfig {
+            state_dir: Some("/var/lib/a".into()),
+            ..push()
+        };
+        assert_eq!(
+            c.effective_spool_dir(),
+            Some(PathBuf::from("/var/lib/a/spool"))
+        );
+        let c = AgentConfig {
+            spool_dir: Some("/spool".into()),
+            ..c
+        };
+        assert_eq!(c.effective_spool_dir(), Some(PathBuf::from("/spool")));
+        // --check-config shows the effective directory, and it reads back the same.
+        let back = AgentConfig::from_toml(&c.to_toml()).expect("re-parse");
+        assert_eq!(back.effective_spool_dir(), Some(PathBuf::from("/spool")));
     }
 
     #[test]
@@ -350,11 +542,13 @@ mod tests {
     fn wrong_type_is_rejected() {
         let err = AgentConfig::from_toml("interval = \"ten\"").expect_err("must fail");
         assert!(err.to_string().contains("interval"), "{err}");
+        let err = AgentConfig::from_toml("listen = \"not an address\"").expect_err("must fail");
+        assert!(err.to_string().contains("listen"), "{err}");
     }
 
     #[test]
     fn bad_values_are_rejected_with_key() {
-        let cases: [(&str, &str); 8] = [
+        let cases: [(&str, &str); 18] = [
             ("interval = 0", "interval"),
             ("interval = 100000", "interval"),
             ("collector = \"127.0.0.1:4317\"", "collector"),
@@ -363,9 +557,31 @@ mod tests {
             ("max_in_flight = 0", "max_in_flight"),
             ("max_pending_batches = 0", "max_pending_batches"),
             ("agent_id = \"\"", "agent_id"),
+            ("spool_max_bytes = 1048575", "spool_max_bytes"),
+            ("spool_dir = \"\"", "spool_dir"),
+            ("measurements = []", "measurements"),
+            ("measurements = [\"cpu\", \"gpu\"]", "measurements"),
+            ("top_n = 1001", "top_n"),
+            ("heartbeat_secs = 0", "heartbeat_secs"),
+            ("heartbeat_secs = 3601", "heartbeat_secs"),
+            ("advertise_addr = \"10.0.0.1:9100\"", "advertise_addr"),
+            (
+                "listen = \"0.0.0.0:9100\"\nadvertise_addr = \"10.0.0.1\"",
+                "advertise_addr",
+            ),
+            (
+                "listen = \"0.0.0.0:9100\"\nadvertise_addr = \"http://10.0.0.1:9100\"",
+                "advertise_addr",
+            ),
         ];
         for (text, key) in cases {
-            let c = AgentConfig::from_toml(text).expect("parses");
+            // A push configuration, unless the case sets `collector` itself.
+            let full = if text.starts_with("collector") {
+                text.to_owned()
+            } else {
+                format!("collector = \"http://c:1\"\n{text}")
+            };
+            let c = AgentConfig::from_toml(&full).expect("parses");
             match c.validate() {
                 Err(ConfigError::Invalid { key: k, reason }) => {
                     assert_eq!(k, key, "{text}: {reason}")
@@ -375,7 +591,7 @@ mod tests {
         }
         let c = AgentConfig {
             region: "a\nb".into(),
-            ..AgentConfig::default()
+            ..push()
         };
         assert!(matches!(
             c.validate(),
@@ -383,7 +599,7 @@ mod tests {
         ));
         let msg = AgentConfig {
             interval: 0,
-            ..AgentConfig::default()
+            ..push()
         }
         .validate()
         .expect_err("invalid")
@@ -392,6 +608,27 @@ mod tests {
             msg.contains("`interval`") && msg.contains("at least 1"),
             "{msg}"
         );
+        let msg = AgentConfig {
+            measurements: vec!["gpu".into()],
+            ..push()
+        }
+        .validate()
+        .expect_err("invalid")
+        .to_string();
+        assert!(
+            msg.contains("`measurements`") && msg.contains("gpu"),
+            "{msg}"
+        );
+        // A subset is fine, and becomes the probes' options.
+        let c = AgentConfig {
+            measurements: vec!["mem".into(), "cpu".into()],
+            top_n: 3,
+            ..push()
+        };
+        c.validate().expect("valid");
+        let o = c.probe_options();
+        assert_eq!(o.measurements.iter().collect::<Vec<_>>(), ["cpu", "mem"]);
+        assert_eq!(o.top_n, 3);
     }
 
     #[test]
@@ -431,13 +668,19 @@ mod tests {
     fn effective_toml_round_trips() {
         let c = AgentConfig {
             csp: "aws".into(),
-            ..AgentConfig::default()
+            listen: Some("0.0.0.0:9100".parse().expect("addr")),
+            measurements: vec!["cpu".into()],
+            ..push()
         };
         let text = c.to_toml();
         let back = AgentConfig::from_toml(&text).expect("re-parse");
         back.validate().expect("valid");
         assert_eq!(back.csp, "aws");
         assert_eq!(back.agent_id, Some(c.effective_agent_id()));
+        assert_eq!(back.collector, c.collector);
+        assert_eq!(back.listen, c.listen);
+        assert_eq!(back.advertise_addr.as_deref(), Some("0.0.0.0:9100"));
+        assert_eq!(back.measurements, ["cpu"]);
     }
 
     #[test]
@@ -445,16 +688,26 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
         let c = AgentConfig::load(&path).expect("example loads");
         c.validate().expect("example validates");
-        assert_eq!(c.collector, "http://127.0.0.1:4317");
+        assert_eq!(c.collector.as_deref(), Some("http://127.0.0.1:4317"));
+        // Its values are the defaults (plus the collector it sets).
+        assert_eq!(c, push());
         // Every key is documented in the example, set or commented out.
         let text = std::fs::read_to_string(&path).expect("read");
         let full = AgentConfig {
             agent_id: Some("x".into()),
             state_dir: Some("/x".into()),
-            ..AgentConfig::default()
+            spool_dir: Some("/x/spool".into()),
+            listen: Some("0.0.0.0:9100".parse().expect("addr")),
+            advertise_addr: Some("10.0.0.7:9100".into()),
+            ..push()
         };
         let table: toml::Table =
             toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
+        assert_eq!(
+            table.len(),
+            22,
+            "a new key? document it in agent.example.toml"
+        );
         for key in table.keys() {
             assert!(
                 text.lines().any(|l| l
@@ -463,5 +716,17 @@ mod tests {
                 "{key} missing from agent.example.toml"
             );
         }
+        // The commented-out examples are valid too: uncommenting every `# key = value` line still validates.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if table.keys().any(|k| rest.starts_with(&format!("{k} = "))) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = AgentConfig::from_toml(&uncommented).expect("uncommented example parses");
+        all.validate().expect("uncommented example validates");
+        assert!(all.listen.is_some() && all.spool_dir.is_some());
     }
 }

@@ -1,11 +1,13 @@
-//! The Damselfly agent: runs on each monitored VM, reads host metrics (cpu, mem, disk, net, system) with sysinfo
-//! and `/proc` every `interval`, and pushes them to a collector shard over the `damselfly.v1.Ingest/Push` gRPC
-//! stream (zstd-compressed, acknowledged per batch).
+//! The Damselfly agent: runs on each monitored VM, reads host metrics (cpu, mem, disk, net, system, ...) from
+//! `/proc`, `/sys` and sysinfo every `interval`, and delivers them to a collector: pushed over the
+//! `damselfly.v1.Ingest/Push` gRPC stream (zstd-compressed, acknowledged per batch), or served for the collector to
+//! pull (`MetricsSource.Pull`).
 //!
 //! Data path: [`probes`] → points stamped with their collection time → [`batch::Batcher`] (identity tags once per
 //! batch in `common_tags`, split at `batch_max_points`, a strictly increasing `seq` from [`seq`]) → the bounded
-//! pending [`queue`] → [`push`] (re-sends until STORED/DUPLICATE, reconnects with backoff). The queue is a trait so
-//! the disk spool of a later issue replaces the in-memory one without touching the rest.
+//! pending [`queue`], shared by every task ([`SharedQueue`]): the disk [`spool`] when there is a spool directory,
+//! memory otherwise → [`push`] (re-sends until STORED/DUPLICATE, reconnects with backoff, replays the spool in
+//! order after an outage) and/or the pull server.
 //!
 //! The `damselfly-agent` binary wraps [`run`]; the `damselfly` CLI embeds the same [`run`] in-process.
 
@@ -14,7 +16,10 @@ pub mod config;
 pub mod probes;
 pub mod push;
 pub mod queue;
+pub mod register;
 pub mod seq;
+pub mod serve;
+pub mod spool;
 mod stats;
 
 #[cfg(test)]
@@ -24,25 +29,32 @@ mod push_tests;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use damselfly_proto::v1::{Point, Tag, field};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 
 pub use config::{AgentConfig, ConfigError};
 pub use probes::{ProbeError, Probes};
+pub use queue::{BatchQueue, SharedQueue};
 pub use stats::AgentStats;
 
 use batch::Batcher;
 use push::{PushSettings, Pusher};
-use queue::MemoryQueue;
+use queue::{MemoryQueue, enqueue, lock};
 use seq::SeqAllocator;
+use spool::DiskSpool;
 use stats::Counters;
 
-/// How long [`run`] keeps trying to deliver pending batches after shutdown is requested.
+/// How long [`run`] keeps trying to deliver pending batches after shutdown is requested. What is still pending
+/// then stays in the disk spool for the next start (or is lost with the in-memory queue).
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The latest collection round, for the metrics page; `None` until the first round.
+pub type LatestRound = Arc<RwLock<Option<Round>>>;
 
 /// Why the agent could not start or stopped early. Network trouble is not an error: it is retried.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +68,14 @@ pub enum AgentError {
     /// The state directory could not be used.
     #[error("state directory {}: {source}", path.display())]
     State {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The spool directory could not be used (unwritable, or in use by another agent).
+    #[error("spool directory {}: {source}", path.display())]
+    Spool {
         /// The directory.
         path: PathBuf,
         /// The I/O error.
@@ -122,53 +142,178 @@ impl Round {
 /// Collects one round without any network: for `--once`, operators and tests. Blocking (about 200 ms, for the CPU
 /// delta).
 pub fn collect_once(config: &AgentConfig) -> Result<Round, AgentError> {
-    let mut probes = Probes::new()?;
+    let mut probes = Probes::with_options(config.probe_options())?;
     Ok(Round {
         common_tags: common_tags(config),
         points: probes.collect(),
     })
 }
 
-/// Runs the agent: collects every `config.interval` and pushes to `config.collector` until `shutdown` completes,
-/// then tries for at most [`FLUSH_TIMEOUT`] to deliver what is still pending and returns the counters.
-pub async fn run(
-    config: AgentConfig,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<AgentStats, AgentError> {
-    config.validate()?;
-    let agent_id = config.effective_agent_id();
-    let seq = match &config.state_dir {
+/// What the agent's tasks share. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentHandles {
+    /// The agent's id (as in every batch).
+    pub agent_id: String,
+    /// The pending batches (disk spool or memory).
+    pub queue: SharedQueue,
+    /// The latest collection round.
+    pub latest: LatestRound,
+    /// When [`run`] started (for uptime).
+    pub started: std::time::Instant,
+    /// Counters: `pending`, `pending_bytes` and `batches_dropped` are what heartbeats report.
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for AgentHandles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandles")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentHandles {
+    /// The counters so far.
+    pub fn stats(&self) -> AgentStats {
+        self.counters.snapshot()
+    }
+}
+
+/// The state that moves between collection rounds (onto a blocking thread and back).
+struct Collection {
+    probes: Probes,
+    batcher: Batcher,
+    common_tags: Vec<Tag>,
+}
+
+impl Collection {
+    /// One round: collect, publish for the metrics page, batch, queue, and make the spool durable (one fsync per
+    /// round). Blocking.
+    fn round(&mut self, h: &AgentHandles) {
+        let points = self.probes.collect();
+        h.counters.rounds.fetch_add(1, Relaxed);
+        h.counters
+            .points_collected
+            .fetch_add(points.len() as u64, Relaxed);
+        *h.latest.write().unwrap_or_else(|p| p.into_inner()) = Some(Round {
+            common_tags: self.common_tags.clone(),
+            points: points.clone(),
+        });
+        enqueue(&h.queue, self.batcher.batches(points), &h.counters);
+        if let Err(e) = lock(&h.queue).checkpoint() {
+            tracing::error!(error = %e, "cannot sync the spool; the newest batches may not survive a power loss");
+        }
+    }
+}
+
+/// Opens the sequence numbers and the queue (the spool when there is a spool directory). Blocking.
+fn open_state(config: &AgentConfig) -> Result<(SeqAllocator, Box<dyn BatchQueue>), AgentError> {
+    let mut seq = match &config.state_dir {
         Some(dir) => SeqAllocator::open(dir).map_err(|source| AgentError::State {
             path: dir.clone(),
             source,
         })?,
         None => SeqAllocator::from_clock(),
     };
-    let mut batcher = Batcher::new(
-        agent_id.clone(),
-        common_tags(&config),
-        config.batch_max_points,
-        seq,
-    );
-    let counters = Arc::new(Counters::default());
-    let pusher = Pusher::new(
-        PushSettings::from_config(&config),
-        MemoryQueue::new(config.max_pending_batches),
-        Arc::clone(&counters),
-    )
-    .map_err(|e| ConfigError::Invalid {
-        key: "collector",
-        reason: e.to_string(),
-    })?;
+    let queue: Box<dyn BatchQueue> = match config.effective_spool_dir() {
+        Some(dir) => {
+            let spool = DiskSpool::open(&dir, config.spool_max_bytes)
+                .map_err(|source| AgentError::Spool { path: dir, source })?;
+            // Never give a new batch the seq of one still in (or acknowledged from) the spool.
+            seq.ensure_above(spool.last_seq());
+            Box::new(spool)
+        }
+        None => Box::new(MemoryQueue::new(config.max_pending_batches)),
+    };
+    Ok((seq, queue))
+}
 
-    // Probe set-up reads /proc and sleeps for nothing, but keep it off the async threads all the same.
-    let mut probes = Some(blocking(Probes::new).await??);
-    // A few rounds of slack; the push task drains this channel continuously.
-    let (tx, rx) = mpsc::channel(64);
-    let mut push_task = tokio::spawn(pusher.run(rx));
+/// Runs the agent until `shutdown` completes: collects every `config.interval` into the shared queue and, in push
+/// mode (`collector` set), pushes it to the collector. At shutdown it stops collecting, tries for at most
+/// [`FLUSH_TIMEOUT`] to deliver what is pending, and returns the counters; undelivered batches stay in the spool.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<AgentStats, AgentError> {
+    config.validate()?;
+    let agent_id = config.effective_agent_id();
+    let started = std::time::Instant::now();
+    let cfg = config.clone();
+    let (seq, queue) = blocking(move || open_state(&cfg)).await??;
+    let handles = AgentHandles {
+        agent_id: agent_id.clone(),
+        queue: queue::shared(queue),
+        latest: LatestRound::default(),
+        started,
+        counters: Arc::new(Counters::default()),
+    };
+    let (pending, pending_bytes, durable) = {
+        let q = lock(&handles.queue);
+        (q.len(), q.bytes(), q.durable())
+    };
+    handles.counters.set_pending(pending, pending_bytes);
+
+    // Probe set-up reads /proc; keep it off the async threads.
+    let options = config.probe_options();
+    let probes = blocking(move || Probes::with_options(options)).await??;
+    let mut collection = Some(Collection {
+        probes,
+        batcher: Batcher::new(
+            agent_id.clone(),
+            common_tags(&config),
+            config.batch_max_points,
+            seq,
+        ),
+        common_tags: common_tags(&config),
+    });
+
+    // Every task stops when this turns true.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The collection loop wakes the push task after each round.
+    let wake = Arc::new(Notify::new());
+
+    // Push mode: one task sends the queue to the collector.
+    let mut push_task: Option<JoinHandle<()>> = match &config.collector {
+        Some(url) => {
+            let pusher = Pusher::new(
+                PushSettings::new(url.clone(), &config),
+                Arc::clone(&handles.queue),
+                Arc::clone(&wake),
+                Arc::clone(&handles.counters),
+            )
+            .map_err(|e| ConfigError::Invalid {
+                key: "collector",
+                reason: e.to_string(),
+            })?;
+            Some(tokio::spawn(pusher.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+
+    // More tasks plug in here, each spawned with `handles.clone()` and `stop_rx.clone()` (return when it turns
+    // true) and pushed onto `side_tasks`, which shutdown awaits for at most FLUSH_TIMEOUT:
+    // * `listen` set: serve.rs on `config.listen`: the /metrics page from `handles.latest`, and without a
+    //   `collector` (pull mode) `MetricsSource.Pull` over `handles.queue` (with a collector the push task owns the
+    //   queue); pull-mode registration advertises `config.effective_advertise_addr()`;
+    // * `collector` set: register.rs (registration, then heartbeats every `config.heartbeat_secs` reporting
+    //   `handles.counters` pending / pending_bytes / batches_dropped and the uptime since `handles.started`).
+    #[allow(unused_mut)]
+    let mut side_tasks: Vec<JoinHandle<()>> = Vec::new();
+
+    let mode = if config.collector.is_some() {
+        "push"
+    } else {
+        "pull"
+    };
     tracing::info!(
         %agent_id,
-        collector = %config.collector,
+        mode,
+        collector = config.collector.as_deref().unwrap_or("-"),
+        listen = %config.listen.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        spool = %config
+            .effective_spool_dir()
+            .map_or_else(|| "memory".to_owned(), |d| d.display().to_string()),
+        pending,
         interval_s = config.interval,
         "agent started"
     );
@@ -178,55 +323,72 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(shutdown);
     loop {
+        let push_done = async {
+            match push_task.as_mut() {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            r = &mut push_task => {
+            r = push_done => {
                 return Err(AgentError::Task(format!("push task stopped: {}", join_text(r.err()))));
             }
             _ = ticker.tick() => {
-                let Some(mut p) = probes.take() else { break };
-                let (p, points) = blocking(move || {
-                    let points = p.collect();
-                    (p, points)
+                let Some(mut c) = collection.take() else { break };
+                let h = handles.clone();
+                collection = Some(blocking(move || {
+                    c.round(&h);
+                    c
                 })
-                .await?;
-                probes = Some(p);
-                counters.rounds.fetch_add(1, Relaxed);
-                counters.points_collected.fetch_add(points.len() as u64, Relaxed);
-                for batch in batcher.batches(points) {
-                    counters.batches_created.fetch_add(1, Relaxed);
-                    if tx.send(batch).await.is_err() {
-                        return Err(AgentError::Task("push task stopped".to_owned()));
-                    }
-                }
+                .await?);
+                wake.notify_one();
             }
         }
     }
 
-    // Closing the channel tells the push task to finish once everything is acknowledged.
-    drop(tx);
+    // Stop collecting (done: the loop is left), tell every task, and give the push task FLUSH_TIMEOUT to deliver.
+    let _ = stop_tx.send(true);
     tracing::info!(
-        pending = counters.pending.load(Relaxed),
-        "shutting down; flushing pending batches"
+        pending = handles.counters.pending.load(Relaxed),
+        "shutting down; delivering pending batches"
     );
-    if tokio::time::timeout(FLUSH_TIMEOUT, &mut push_task)
-        .await
-        .is_err()
-    {
-        push_task.abort();
-        let _ = push_task.await;
+    let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    for mut task in push_task.into_iter().chain(side_tasks) {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    let queue = Arc::clone(&handles.queue);
+    let (pending, pending_bytes) = blocking(move || {
+        let mut q = lock(&queue);
+        if let Err(e) = q.checkpoint() {
+            tracing::error!(error = %e, "cannot sync the spool at shutdown");
+        }
+        (q.len(), q.bytes())
+    })
+    .await?;
+    handles.counters.set_pending(pending, pending_bytes);
+    if pending > 0 && durable {
+        tracing::info!(
+            pending,
+            pending_bytes,
+            "{pending} undelivered batches stay in the spool; they are delivered after the next start"
+        );
+    } else if pending > 0 {
         tracing::warn!(
-            pending = counters.pending.load(Relaxed),
-            "could not deliver every pending batch within {FLUSH_TIMEOUT:?}; they are lost"
+            pending,
+            "could not deliver {pending} pending batches within {FLUSH_TIMEOUT:?}; without a spool they are lost"
         );
     }
-    let stats = counters.snapshot();
+    let stats = handles.counters.snapshot();
     tracing::info!(?stats, "agent stopped");
     Ok(stats)
 }
 
-/// Runs blocking work (probes) on tokio's blocking pool.
+/// Runs blocking work (probes, spool I/O) on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AgentError> {
@@ -255,6 +417,17 @@ mod tests {
             ..AgentConfig::default()
         };
         let round = collect_once(&config).expect("collect");
+        let only = AgentConfig {
+            measurements: vec!["mem".into(), "system".into()],
+            ..config.clone()
+        };
+        let some = collect_once(&only).expect("collect");
+        assert!(
+            some.points
+                .iter()
+                .all(|p| p.measurement == "mem" || p.measurement == "system"),
+            "only the configured measurements"
+        );
         let lines: Vec<serde_json::Value> = round
             .json_lines()
             .map(|l| serde_json::from_str(&l).expect("valid json"))

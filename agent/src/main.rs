@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,15 +15,22 @@ use damselfly_agent::AgentConfig;
 #[command(
     name = "damselfly-agent",
     version,
-    about = "Collects host metrics and pushes them to a Damselfly collector"
+    about = "Collects host metrics and delivers them to a Damselfly collector (push, or pull with --listen)"
 )]
 struct Cli {
     /// TOML config file (see agent.example.toml).
     #[arg(long, short = 'c', value_name = "FILE", env = "DAMSELFLY_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Collector gRPC URL, e.g. http://10.0.0.5:4317.
+    /// Push mode: the collector's gRPC URL, e.g. http://10.0.0.5:4317.
     #[arg(long, value_name = "URL", env = "DAMSELFLY_COLLECTOR")]
     collector: Option<String>,
+    /// Pull mode: serve batches (and /metrics) on this address, e.g. 0.0.0.0:9100. Without --collector the agent
+    /// runs in pull mode alone.
+    #[arg(long, value_name = "ADDR", env = "DAMSELFLY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Pull mode: the host:port collectors should pull from (default: --listen).
+    #[arg(long, value_name = "HOST:PORT", env = "DAMSELFLY_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
     /// Seconds between collection rounds (at least 1).
     #[arg(long, value_name = "SECS", env = "DAMSELFLY_INTERVAL")]
     interval: Option<u64>,
@@ -50,9 +58,29 @@ struct Cli {
     /// Agent id (default: derived from host name, ns, mcis and vm).
     #[arg(long, value_name = "ID", env = "DAMSELFLY_AGENT_ID")]
     agent_id: Option<String>,
-    /// Directory for durable agent state (the batch sequence number).
+    /// Directory for durable agent state (the batch sequence number; the spool by default).
     #[arg(long, value_name = "DIR", env = "DAMSELFLY_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Disk spool directory for undelivered batches (default: STATE_DIR/spool; none: in memory).
+    #[arg(long, value_name = "DIR", env = "DAMSELFLY_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Most bytes the disk spool may take (at least 1048576); when full the oldest batches are dropped.
+    #[arg(long, value_name = "BYTES", env = "DAMSELFLY_SPOOL_MAX_BYTES")]
+    spool_max_bytes: Option<u64>,
+    /// Measurements to collect, comma-separated (default: all).
+    #[arg(
+        long,
+        value_name = "A,B,C",
+        env = "DAMSELFLY_MEASUREMENTS",
+        value_delimiter = ','
+    )]
+    measurements: Option<Vec<String>>,
+    /// procstat_top: how many processes to report by CPU and by memory.
+    #[arg(long, value_name = "N", env = "DAMSELFLY_TOP_N")]
+    top_n: Option<usize>,
+    /// Seconds between heartbeats to the collector.
+    #[arg(long, value_name = "SECS", env = "DAMSELFLY_HEARTBEAT_SECS")]
+    heartbeat_secs: Option<u64>,
     /// Validate the configuration, print the effective configuration as TOML and exit (2 if invalid).
     #[arg(long)]
     check_config: bool,
@@ -73,7 +101,6 @@ impl Cli {
                 slot.clone_from(v);
             }
         };
-        set(&mut c.collector, &self.collector);
         set(&mut c.ns_id, &self.ns);
         set(&mut c.mcis_id, &self.mcis);
         set(&mut c.vm_id, &self.vm);
@@ -84,14 +111,40 @@ impl Cli {
         if let Some(v) = self.interval {
             c.interval = v;
         }
-        if self.agent_id.is_some() {
-            c.agent_id.clone_from(&self.agent_id);
+        set_opt(&mut c.agent_id, &self.agent_id);
+        set_opt(&mut c.collector, &self.collector);
+        set_opt(&mut c.advertise_addr, &self.advertise_addr);
+        set_opt(&mut c.state_dir, &self.state_dir);
+        set_opt(&mut c.spool_dir, &self.spool_dir);
+        if self.listen.is_some() {
+            c.listen = self.listen;
         }
-        if self.state_dir.is_some() {
-            c.state_dir.clone_from(&self.state_dir);
+        if let Some(v) = self.spool_max_bytes {
+            c.spool_max_bytes = v;
         }
-        c.validate()?;
+        if let Some(v) = &self.measurements {
+            c.measurements = v.iter().map(|m| m.trim().to_owned()).collect();
+        }
+        if let Some(v) = self.top_n {
+            c.top_n = v;
+        }
+        if let Some(v) = self.heartbeat_secs {
+            c.heartbeat_secs = v;
+        }
+        if self.once {
+            // One round on stdout needs no collector and no server.
+            c.validate_settings()?;
+        } else {
+            c.validate()?;
+        }
         Ok(c)
+    }
+}
+
+/// `slot = v` when the flag is given.
+fn set_opt<T: Clone>(slot: &mut Option<T>, v: &Option<T>) {
+    if v.is_some() {
+        slot.clone_from(v);
     }
 }
 

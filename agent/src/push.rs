@@ -1,11 +1,13 @@
 //! The push path: one bidirectional `Push` stream to the collector, with the delivery contract of `ingest.proto`.
 //!
-//! Every batch stays in the [`BatchQueue`] until its ack says STORED or DUPLICATE (or REJECTED: logged, counted and
-//! dropped, since resending cannot help). Up to `max_in_flight` batches are on the stream at once; acks arrive in
-//! send order. On RETRY, a broken stream, an ack timeout or a failed connection the stream is dropped and, after an
-//! exponential backoff with jitter (at least `retry_after_ms` for RETRY), a new one re-sends every pending batch in
-//! seq order. That may send a batch the collector already stored (its ack was lost): the collector answers
-//! DUPLICATE, so nothing is stored twice. Network errors are never fatal.
+//! The collection loop puts batches into the shared queue ([`SharedQueue`], memory or disk spool) and wakes the
+//! push task through a [`Notify`]. Every batch stays in the queue until its ack says STORED or DUPLICATE (or
+//! REJECTED: logged, counted and dropped, since resending cannot help). Up to `max_in_flight` batches are on the
+//! stream at once, oldest first; acks arrive in send order. On RETRY, a broken stream, an ack timeout or a failed
+//! connection the stream is dropped and, after an exponential backoff with jitter (at least `retry_after_ms` for
+//! RETRY), a new one re-sends every pending batch in seq order: after an outage the spool is replayed in order, with
+//! the batches' original timestamps. That may send a batch the collector already stored (its ack was lost): the
+//! collector answers DUPLICATE, so nothing is stored twice. Network errors are never fatal.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use damselfly_proto::v1::{Ack, AckStatus, WriteBatch, ingest_client::IngestClient};
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +23,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::AgentConfig;
-use crate::queue::BatchQueue;
+use crate::queue::{SharedQueue, lock};
 use crate::stats::{Counters, inc};
 
 /// How the push task talks to the collector.
@@ -42,10 +44,11 @@ pub struct PushSettings {
 }
 
 impl PushSettings {
-    /// Settings from the agent config with the default timeouts (connect 5 s, ack 30 s, backoff 100 ms to 30 s).
-    pub fn from_config(config: &AgentConfig) -> Self {
+    /// Settings for pushing to `collector` with the agent config's limits and the default timeouts (connect 5 s,
+    /// ack 30 s, backoff 100 ms to 30 s).
+    pub fn new(collector: String, config: &AgentConfig) -> Self {
         Self {
-            collector: config.collector.clone(),
+            collector,
             max_in_flight: config.max_in_flight,
             connect_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(30),
@@ -97,29 +100,49 @@ enum SessionEnd {
     Failed(String),
 }
 
-/// The batch source (the collection loop) and whether it is still open.
+/// What the push task waits on besides the network: new batches, and the end of collection.
 struct Input {
-    rx: mpsc::Receiver<WriteBatch>,
-    open: bool,
+    /// Notified by the collection loop after it put batches into the queue.
+    wake: Arc<Notify>,
+    /// Becomes true when the agent shuts down (no more batches will come).
+    stop: watch::Receiver<bool>,
+    /// The stop signal was seen: deliver what is left, then return.
+    closing: bool,
 }
 
-/// Sends batches from a channel to the collector until the channel closes and everything is acknowledged.
-#[derive(Debug)]
-pub struct Pusher<Q: BatchQueue> {
+impl Input {
+    /// Completes when a batch may have arrived or shutdown began. When closing, only new batches wake it (there
+    /// are none after shutdown), so callers check `closing` before waiting on nothing.
+    async fn changed(&mut self) {
+        tokio::select! {
+            () = self.wake.notified() => {}
+            r = self.stop.changed(), if !self.closing => {
+                if r.is_err() || *self.stop.borrow() {
+                    self.closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Sends the shared queue's batches to the collector until shutdown and everything is acknowledged.
+pub struct Pusher {
     endpoint: Endpoint,
     settings: PushSettings,
-    queue: Q,
+    queue: SharedQueue,
+    wake: Arc<Notify>,
     counters: Arc<Counters>,
     backoff: Backoff,
     /// Highest seq ever written to a stream: a send at or below it is a resend.
     max_sent: u64,
 }
 
-impl<Q: BatchQueue> Pusher<Q> {
-    /// Fails only on a malformed collector URL.
+impl Pusher {
+    /// `wake` is notified by whoever pushes into `queue`. Fails only on a malformed collector URL.
     pub(crate) fn new(
         settings: PushSettings,
-        queue: Q,
+        queue: SharedQueue,
+        wake: Arc<Notify>,
         counters: Arc<Counters>,
     ) -> Result<Self, tonic::transport::Error> {
         let endpoint = Endpoint::from_shared(settings.collector.clone())?
@@ -133,29 +156,39 @@ impl<Q: BatchQueue> Pusher<Q> {
             endpoint,
             settings,
             queue,
+            wake,
             counters,
             backoff,
             max_sent: 0,
         })
     }
 
-    /// Runs until `rx` is closed and the queue is empty. Cancel it (abort the task) to give up on pending batches.
-    pub(crate) async fn run(mut self, rx: mpsc::Receiver<WriteBatch>) {
-        let mut input = Input { rx, open: true };
+    fn pending(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
+    /// Runs until `stop` turns true (or its sender is dropped) and the queue is empty. Cancel it (abort the task)
+    /// to give up on pending batches: they stay in the queue (and in the spool, for the next start).
+    pub(crate) async fn run(mut self, stop: watch::Receiver<bool>) {
+        let closing = *stop.borrow();
+        let mut input = Input {
+            wake: Arc::clone(&self.wake),
+            stop,
+            closing,
+        };
         loop {
             // Connect only when there is something to send: an idle agent keeps no retry loop spinning.
-            while self.queue.is_empty() {
-                if !input.open {
+            while self.pending() == 0 {
+                if input.closing {
                     return;
                 }
-                let batch = input.rx.recv().await;
-                self.on_input(batch, &mut input);
+                input.changed().await;
             }
             match self.session(&mut input).await {
                 SessionEnd::Drained => return,
                 SessionEnd::Retry { after, message } => {
                     let delay = after.max(self.backoff.next_delay());
-                    tracing::info!(reason = %message, ?delay, pending = self.queue.len(), "collector asked to retry");
+                    tracing::info!(reason = %message, ?delay, pending = self.pending(), "collector asked to retry");
                     self.pause(delay, &mut input).await;
                 }
                 SessionEnd::Failed(reason) => {
@@ -165,7 +198,7 @@ impl<Q: BatchQueue> Pusher<Q> {
                         collector = %self.settings.collector,
                         %reason,
                         retry_in = ?delay,
-                        pending = self.queue.len(),
+                        pending = self.pending(),
                         "push to collector failed"
                     );
                     self.pause(delay, &mut input).await;
@@ -185,7 +218,7 @@ impl<Q: BatchQueue> Pusher<Q> {
                     Ok(c) => break c,
                     Err(e) => return SessionEnd::Failed(format!("cannot connect: {}", error_chain(&e))),
                 },
-                b = input.rx.recv(), if input.open => self.on_input(b, input),
+                () = input.changed() => {}
             }
         };
         let mut client = IngestClient::new(channel)
@@ -210,7 +243,7 @@ impl<Q: BatchQueue> Pusher<Q> {
                     Ok(response) => break response.into_inner(),
                     Err(status) => return SessionEnd::Failed(format!("cannot open stream: {}", status_text(&status))),
                 },
-                b = input.rx.recv(), if input.open => self.on_input(b, input),
+                () = input.changed() => {}
             }
         };
         tracing::debug!(collector = %self.settings.collector, "push stream open");
@@ -220,7 +253,7 @@ impl<Q: BatchQueue> Pusher<Q> {
             if let Err(reason) = self.fill(&tx, &mut in_flight, &mut cursor) {
                 return SessionEnd::Failed(reason);
             }
-            if !input.open && self.queue.is_empty() && in_flight.is_empty() {
+            if input.closing && in_flight.is_empty() && self.pending() == 0 {
                 return SessionEnd::Drained;
             }
             // The clock runs from the later of "oldest batch sent" and "last ack": a slow but moving collector is
@@ -230,7 +263,7 @@ impl<Q: BatchQueue> Pusher<Q> {
                 .map_or(last_ack, |(_, sent)| (*sent).max(last_ack))
                 + self.settings.ack_timeout;
             tokio::select! {
-                b = input.rx.recv(), if input.open => self.on_input(b, input),
+                () = input.changed() => {}
                 m = acks.next() => match m {
                     Some(Ok(ack)) => {
                         last_ack = Instant::now();
@@ -260,7 +293,8 @@ impl<Q: BatchQueue> Pusher<Q> {
         cursor: &mut u64,
     ) -> Result<(), String> {
         while in_flight.len() < self.settings.max_in_flight.max(1) {
-            let Some(batch) = self.queue.next_after(*cursor) else {
+            // Lock per batch: the collection loop and the spool's fsync must not wait for the whole fill.
+            let Some(batch) = lock(&self.queue).next_after(*cursor) else {
                 break;
             };
             let seq = batch.seq;
@@ -330,53 +364,28 @@ impl<Q: BatchQueue> Pusher<Q> {
 
     /// The collector is done with `seq`: forget it, and count the link as healthy again.
     fn acknowledged(&mut self, seq: u64) {
-        self.queue.remove(seq);
-        self.backoff.reset();
-        self.set_pending_gauge();
-    }
-
-    /// Takes one message from the input channel (`None` = the collection loop is done).
-    fn on_input(&mut self, batch: Option<WriteBatch>, input: &mut Input) {
-        let Some(batch) = batch else {
-            input.open = false;
-            return;
-        };
-        let evicted = self.queue.push(batch);
-        if !evicted.is_empty() {
-            let n = evicted.len() as u64;
-            self.counters
-                .batches_dropped
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            let points: usize = evicted.iter().map(|b| b.points.len()).sum();
-            tracing::warn!(
-                batches = n,
-                points,
-                oldest_seq = evicted.first().map_or(0, |b| b.seq),
-                total_dropped = self
-                    .counters
-                    .batches_dropped
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                "pending queue full; dropped the oldest batch"
-            );
+        {
+            let mut q = lock(&self.queue);
+            q.discard(seq);
+            self.counters.set_pending(q.len(), q.bytes());
         }
-        self.set_pending_gauge();
+        self.backoff.reset();
     }
 
-    fn set_pending_gauge(&self) {
-        self.counters.pending.store(
-            self.queue.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    /// Waits `delay` while still taking new batches (so the bound, not the channel, absorbs an outage).
+    /// Waits `delay` before the next attempt. Shutdown cuts it short once, so the agent makes one more attempt to
+    /// deliver within its flush time instead of sleeping through it.
     async fn pause(&mut self, delay: Duration, input: &mut Input) {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            let was_closing = input.closing;
             tokio::select! {
                 () = &mut sleep => return,
-                b = input.rx.recv(), if input.open => self.on_input(b, input),
+                () = input.changed() => {
+                    if input.closing && !was_closing {
+                        return;
+                    }
+                }
             }
         }
     }

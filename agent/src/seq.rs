@@ -9,7 +9,10 @@
 //! * without one, numbering starts at the current Unix time in microseconds, which a restarted agent cannot have
 //!   reached unless it sent more than a million batches per second or the clock stepped back.
 //!
-//! The disk spool (a later issue) will keep its own seq with the spooled batches; it plugs in here.
+//! The disk spool keeps batches (with their seqs) across restarts; [`SeqAllocator::ensure_above`] moves numbering
+//! above every seq it holds, so a restarted agent never gives a new batch the seq of one still waiting in the spool
+//! (the state file already guarantees that; this also covers a spool without a state file, a clock that stepped
+//! back, or a lost state write).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,6 +91,21 @@ impl SeqAllocator {
         seq
     }
 
+    /// Makes every later seq greater than `seq` (e.g. the highest seq in the disk spool). Persists a new
+    /// reservation when numbering jumps past the current one; a failed write is logged as in [`Self::next_seq`].
+    pub fn ensure_above(&mut self, seq: u64) {
+        if self.next > seq {
+            return;
+        }
+        self.next = seq.saturating_add(1);
+        if self.next >= self.reserved_until
+            && let Err(e) = self.reserve()
+        {
+            tracing::error!(error = %e, "cannot persist the batch sequence number; a restart may reuse numbers");
+            self.reserved_until = self.next.saturating_add(RESERVE_BLOCK);
+        }
+    }
+
     /// Persists `next + RESERVE_BLOCK` (write to a temporary file, fsync, rename) before handing out that block.
     fn reserve(&mut self) -> std::io::Result<()> {
         let Some(file) = &self.file else {
@@ -141,6 +159,23 @@ mod tests {
         let first = b.next_seq();
         assert!(first > last, "{first} <= {last}");
         assert!(first <= last + RESERVE_BLOCK + 1);
+    }
+
+    #[test]
+    fn ensure_above_skips_past_spooled_seqs_and_persists() {
+        let mut v = SeqAllocator::starting_at(5);
+        v.ensure_above(3);
+        assert_eq!(v.next_seq(), 5);
+        v.ensure_above(100);
+        assert_eq!(v.next_seq(), 101);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = SeqAllocator::open(dir.path()).expect("open");
+        a.ensure_above(10 * RESERVE_BLOCK);
+        assert_eq!(a.next_seq(), 10 * RESERVE_BLOCK + 1);
+        drop(a);
+        let mut b = SeqAllocator::open(dir.path()).expect("reopen");
+        assert!(b.next_seq() > 10 * RESERVE_BLOCK + 1);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Counters shared by the collection loop and the push task, and their snapshot [`AgentStats`].
+//! Counters shared by the agent's tasks (collection loop, push task, and the pull server and heartbeats, which
+//! report `pending`, `pending_bytes` and `batches_dropped`), and their snapshot [`AgentStats`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -21,14 +22,17 @@ pub struct AgentStats {
     pub batches_duplicate: u64,
     /// Batches acknowledged REJECTED and dropped.
     pub batches_rejected: u64,
-    /// Batches evicted from a full pending queue, never delivered.
+    /// Batches evicted from a full pending queue or disk spool, never delivered.
     pub batches_dropped: u64,
     /// RETRY acknowledgements received.
     pub retry_acks: u64,
     /// Connection attempts or streams that failed.
     pub push_failures: u64,
-    /// Batches still unacknowledged when the agent stopped (lost: there is no disk spool yet).
+    /// Batches still unacknowledged when the agent stopped: kept in the disk spool for the next start, or lost
+    /// with the in-memory queue.
     pub pending_at_exit: u64,
+    /// Their size in bytes.
+    pub pending_bytes_at_exit: u64,
 }
 
 /// Live counters; see [`AgentStats`] for their meaning.
@@ -45,8 +49,10 @@ pub(crate) struct Counters {
     pub(crate) batches_dropped: AtomicU64,
     pub(crate) retry_acks: AtomicU64,
     pub(crate) push_failures: AtomicU64,
-    /// Gauge: current pending-queue length.
+    /// Gauge: batches in the pending queue or spool.
     pub(crate) pending: AtomicU64,
+    /// Gauge: their bytes.
+    pub(crate) pending_bytes: AtomicU64,
 }
 
 /// `counter += 1`.
@@ -55,6 +61,12 @@ pub(crate) fn inc(c: &AtomicU64) {
 }
 
 impl Counters {
+    /// Sets the pending gauges.
+    pub(crate) fn set_pending(&self, batches: usize, bytes: u64) {
+        self.pending.store(batches as u64, Relaxed);
+        self.pending_bytes.store(bytes, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> AgentStats {
         AgentStats {
             rounds: self.rounds.load(Relaxed),
@@ -69,6 +81,7 @@ impl Counters {
             retry_acks: self.retry_acks.load(Relaxed),
             push_failures: self.push_failures.load(Relaxed),
             pending_at_exit: self.pending.load(Relaxed),
+            pending_bytes_at_exit: self.pending_bytes.load(Relaxed),
         }
     }
 }

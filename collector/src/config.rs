@@ -53,6 +53,16 @@ pub struct CollectorConfig {
     pub max_result_rows: usize,
     /// Maximum rows per Parquet row group. Default 131,072.
     pub parquet_row_group_rows: usize,
+    /// Agents to pull from (pull mode): gRPC URLs of their `MetricsSource`, `http://host:port`, e.g.
+    /// `"http://10.0.0.5:9464"`. Agents that register in pull mode are pulled as well. Default: none.
+    pub pull_targets: Vec<String>,
+    /// Seconds between two pulls of one target. Default 10, 1 to 86,400.
+    pub pull_interval_secs: u64,
+    /// A pull call (connect included) that takes longer than this many seconds fails. Default 5, 1 to 3,600.
+    pub pull_timeout_secs: u64,
+    /// How often agents are asked to send heartbeats (seconds). An agent is `healthy` while heard from within 3
+    /// intervals, `stale` within 10, `down` after that. Default 10, 1 to 86,400.
+    pub heartbeat_interval_secs: u64,
 }
 
 impl Default for CollectorConfig {
@@ -73,6 +83,10 @@ impl Default for CollectorConfig {
             query_memory_bytes: 1 << 30,
             max_result_rows: 1_000_000,
             parquet_row_group_rows: 128 * 1024,
+            pull_targets: Vec::new(),
+            pull_interval_secs: 10,
+            pull_timeout_secs: 5,
+            heartbeat_interval_secs: 10,
         }
     }
 }
@@ -120,6 +134,29 @@ impl CollectorConfig {
         if self.parquet_row_group_rows < 1024 {
             return bad("parquet_row_group_rows must be at least 1024".into());
         }
+        for url in &self.pull_targets {
+            if let Err(reason) = crate::pull::validate_target_url(url) {
+                return bad(format!("pull_targets: {reason}"));
+            }
+        }
+        if !(1..=86_400).contains(&self.pull_interval_secs) {
+            return bad(format!(
+                "pull_interval_secs ({}) must be between 1 and 86400",
+                self.pull_interval_secs
+            ));
+        }
+        if !(1..=3_600).contains(&self.pull_timeout_secs) {
+            return bad(format!(
+                "pull_timeout_secs ({}) must be between 1 and 3600",
+                self.pull_timeout_secs
+            ));
+        }
+        if !(1..=86_400).contains(&self.heartbeat_interval_secs) {
+            return bad(format!(
+                "heartbeat_interval_secs ({}) must be between 1 and 86400",
+                self.heartbeat_interval_secs
+            ));
+        }
         Ok(())
     }
 
@@ -145,6 +182,10 @@ impl CollectorConfig {
 
     pub fn state_dir(&self) -> PathBuf {
         self.data_dir.join("state")
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_secs)
     }
 }
 

@@ -13,6 +13,7 @@ use futures::{Stream, StreamExt};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::agents::AgentRegistry;
 use crate::store::{Store, WriteOutcome};
 
 /// Batches of one stream being stored at once. Agents keep a handful in flight; this bounds a greedy client.
@@ -22,11 +23,22 @@ const MAX_IN_FLIGHT_PER_STREAM: usize = 64;
 #[derive(Debug, Clone)]
 pub struct IngestService {
     store: Store,
+    /// Told about every STORED or DUPLICATE batch, so a pushing agent counts as heard from.
+    registry: Option<AgentRegistry>,
 }
 
 impl IngestService {
     pub fn new(store: Store) -> IngestService {
-        IngestService { store }
+        IngestService {
+            store,
+            registry: None,
+        }
+    }
+
+    /// Notes each stored (or duplicate) batch's agent in `registry`.
+    pub fn with_registry(mut self, registry: AgentRegistry) -> IngestService {
+        self.registry = Some(registry);
+        self
     }
 
     /// The tonic service: zstd both ways, messages bounded by `max_message_bytes` (after decompression).
@@ -68,6 +80,22 @@ pub fn ack_for(seq: u64, outcome: WriteOutcome) -> Ack {
     }
 }
 
+/// Stores a batch and answers it; a STORED or DUPLICATE batch counts as hearing from its agent.
+async fn store_batch(store: &Store, registry: Option<&AgentRegistry>, batch: WriteBatch) -> Ack {
+    let seq = batch.seq;
+    let agent_id = registry.map(|_| batch.agent_id.clone());
+    let outcome = store.write(batch).await;
+    if let (Some(registry), Some(agent_id)) = (registry, agent_id)
+        && matches!(
+            outcome,
+            WriteOutcome::Stored { .. } | WriteOutcome::Duplicate
+        )
+    {
+        registry.touch(&agent_id);
+    }
+    ack_for(seq, outcome)
+}
+
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -84,16 +112,15 @@ impl Ingest for IngestService {
     ) -> Result<Response<AckStream>, Status> {
         let peer = request.remote_addr();
         let store = self.store.clone();
+        let registry = self.registry.clone();
         let acks = request
             .into_inner()
             .map(move |item| {
                 let store = store.clone();
+                let registry = registry.clone();
                 async move {
                     match item {
-                        Ok(batch) => {
-                            let seq = batch.seq;
-                            Ok(ack_for(seq, store.write(batch).await))
-                        }
+                        Ok(batch) => Ok(store_batch(&store, registry.as_ref(), batch).await),
                         Err(status) => {
                             // A message that does not decode or is too large ends the stream with that status; the
                             // batches before it were answered already.
@@ -109,7 +136,8 @@ impl Ingest for IngestService {
 
     async fn write(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
         let batch = request.into_inner();
-        let seq = batch.seq;
-        Ok(Response::new(ack_for(seq, self.store.write(batch).await)))
+        Ok(Response::new(
+            store_batch(&self.store, self.registry.as_ref(), batch).await,
+        ))
     }
 }

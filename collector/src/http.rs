@@ -1,6 +1,12 @@
 //! The HTTP API: health and SQL.
 //!
 //! * `GET /health` — `200` with the store's counters as JSON.
+//! * `GET /api/v1/agents` — the agent registry: a JSON array of agents sorted by `agent_id` (see
+//!   [`crate::agents::AgentInfo`]), each with its `status` and `last_seen_secs_ago`; `?status=healthy|stale|down|
+//!   unregistered` keeps only those (another value is a `400`).
+//! * `GET /api/v1/pull/targets` — the pull scheduler's targets: a JSON array sorted by `url` (see
+//!   [`crate::pull::TargetHealth`]: `status` `unknown|up|down`, `last_success_unix_ms`, `last_error`,
+//!   `consecutive_failures`, batches and points pulled, `ack_through_seq`); `[]` when nothing is pulled.
 //! * `POST /api/v1/sql` — the body is one SQL statement (UTF-8 text). `?format=json` (default: an array of row
 //!   objects, nulls explicit), `csv` (with a header row) or `arrow` (an Arrow IPC stream, for clients that want
 //!   types). Errors are JSON `{"error": "..."}`; the status codes are listed on [`status_of`] (plus `400` for bad
@@ -19,6 +25,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::agents::{AgentRegistry, AgentStatus};
 use crate::query::{QueryEngine, QueryError, QueryResult};
 use crate::store::Store;
 
@@ -27,6 +34,9 @@ use crate::store::Store;
 pub struct ApiState {
     pub store: Store,
     pub engine: QueryEngine,
+    pub registry: AgentRegistry,
+    /// Health of the pull targets (an empty handle when the collector pulls nothing).
+    pub pull: crate::pull::PullHandle,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
@@ -34,6 +44,8 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/sql", post(sql))
+        .route("/api/v1/agents", get(agents))
+        .route("/api/v1/pull/targets", get(pull_targets))
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -115,15 +127,40 @@ async fn health(State(api): State<Arc<ApiState>>) -> Response {
 async fn method_not_allowed() -> ApiError {
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        message: "method not allowed: use GET /health or POST /api/v1/sql".into(),
+        message: "method not allowed: use GET /health, GET /api/v1/agents or POST /api/v1/sql"
+            .into(),
     }
 }
 
 async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
-        message: "no such endpoint; try GET /health or POST /api/v1/sql".into(),
+        message: "no such endpoint; try GET /health, GET /api/v1/agents or POST /api/v1/sql".into(),
     }
+}
+
+async fn pull_targets(State(api): State<Arc<ApiState>>) -> Response {
+    axum::Json(api.pull.targets()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct AgentsParams {
+    status: Option<String>,
+}
+
+async fn agents(
+    State(api): State<Arc<ApiState>>,
+    params: Result<Query<AgentsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let status = params
+        .status
+        .as_deref()
+        .map(AgentStatus::parse)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    Ok(axum::Json(api.registry.list(status)).into_response())
 }
 
 /// Output formats of `/api/v1/sql`.

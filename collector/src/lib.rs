@@ -5,6 +5,7 @@
 //! flushes them to Parquet files ([`persist`]) partitioned by table and hour. [`query`] answers SQL with DataFusion
 //! over files and buffer together, served over HTTP ([`http`]). [`server::Collector`] runs all of it.
 
+pub mod agents;
 pub mod buffer;
 pub mod catalog;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod grpc;
 pub mod http;
 pub mod model;
 pub mod persist;
+pub mod pull;
 pub mod query;
 pub mod server;
 pub mod store;

@@ -114,14 +114,7 @@ pub struct BatchLimits {
 /// Checks everything about a batch that does not depend on stored state. On success the batch can be written to
 /// the WAL and applied to the buffer without further checks other than the schema (see the catalog).
 pub fn validate_batch(batch: &WriteBatch, limits: BatchLimits) -> Result<(), InvalidBatch> {
-    if batch.agent_id.is_empty() {
-        return Err(InvalidBatch("agent_id is empty".into()));
-    }
-    if batch.agent_id.len() > MAX_AGENT_ID_BYTES || has_control_chars(&batch.agent_id) {
-        return Err(InvalidBatch(format!(
-            "agent_id must be 1-{MAX_AGENT_ID_BYTES} bytes without control characters"
-        )));
-    }
+    check_agent_id(&batch.agent_id).map_err(InvalidBatch)?;
     if batch.seq == 0 {
         return Err(InvalidBatch("seq must be at least 1".into()));
     }
@@ -236,7 +229,21 @@ pub fn check_measurement(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_tag(key: &str, value: &str) -> Result<(), String> {
+/// An agent id (batches, registrations, heartbeats): 1..=[`MAX_AGENT_ID_BYTES`] bytes without control characters.
+pub fn check_agent_id(agent_id: &str) -> Result<(), String> {
+    if agent_id.is_empty() {
+        return Err("agent_id is empty".into());
+    }
+    if agent_id.len() > MAX_AGENT_ID_BYTES || has_control_chars(agent_id) {
+        return Err(format!(
+            "agent_id must be 1-{MAX_AGENT_ID_BYTES} bytes without control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A tag: its name (see [`MAX_NAME_BYTES`]) and a value of at most [`MAX_TAG_VALUE_BYTES`].
+pub fn check_tag(key: &str, value: &str) -> Result<(), String> {
     check_name("tag", key)?;
     if value.len() > MAX_TAG_VALUE_BYTES {
         return Err(format!(

@@ -13,10 +13,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::agents::{AgentRegistry, AgentsService};
 use crate::config::CollectorConfig;
 use crate::error::{CollectorError, Result};
 use crate::grpc::IngestService;
 use crate::http::{ApiState, router};
+use crate::pull::{PullScheduler, PullTarget};
 use crate::query::QueryEngine;
 use crate::store::Store;
 
@@ -29,6 +31,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub struct Collector {
     store: Store,
     engine: QueryEngine,
+    registry: AgentRegistry,
     grpc: TcpListener,
     http: TcpListener,
     grpc_addr: SocketAddr,
@@ -61,11 +64,18 @@ impl Collector {
             .map_err(|e| CollectorError::Server(format!("opening the store failed: {e}")))??;
         let engine = QueryEngine::new(store.clone(), config.query_limits())
             .map_err(|e| CollectorError::Server(format!("cannot set up the query engine: {e}")))?;
+        let registry_config = config.clone();
+        let registry = tokio::task::spawn_blocking(move || AgentRegistry::open(&registry_config))
+            .await
+            .map_err(|e| {
+                CollectorError::Server(format!("loading the agent registry failed: {e}"))
+            })??;
         let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
         let (http, http_addr) = bind(config.http_addr).await?;
         Ok(Collector {
             store,
             engine,
+            registry,
             grpc,
             http,
             grpc_addr,
@@ -89,6 +99,11 @@ impl Collector {
         &self.engine
     }
 
+    /// The agent registry (registrations, heartbeats, pull targets).
+    pub fn registry(&self) -> &AgentRegistry {
+        &self.registry
+    }
+
     /// Serves until `shutdown` completes, then stops and flushes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let config = self.store.config().clone();
@@ -98,21 +113,50 @@ impl Collector {
             let _ = rx.wait_for(|stop| *stop).await;
         };
 
-        let ingest =
-            IngestService::new(self.store.clone()).into_server(config.max_grpc_message_bytes);
+        let ingest = IngestService::new(self.store.clone())
+            .with_registry(self.registry.clone())
+            .into_server(config.max_grpc_message_bytes);
+        let agents = AgentsService::new(self.registry.clone()).into_server();
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ingest)
+            .add_service(agents)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),
             );
         let mut grpc = tokio::spawn(async move { grpc.await.map_err(|e| e.to_string()) });
 
+        // Pull mode: the configured targets and the registered pull-mode agents; pulled batches count as hearing
+        // from their agent, as pushed ones do.
+        let targets_registry = self.registry.clone();
+        let touch_registry = self.registry.clone();
+        let puller = PullScheduler::new(
+            self.store.clone(),
+            &config.pull_targets,
+            std::sync::Arc::new(move || {
+                targets_registry
+                    .pull_targets()
+                    .into_iter()
+                    .map(|(agent_id, addr)| PullTarget::registered(agent_id, &addr))
+                    .collect()
+            }),
+        )
+        .on_batch(std::sync::Arc::new(move |agent_id: &str| {
+            touch_registry.touch(agent_id)
+        }));
+        let pull_handle = puller.handle();
+        let puller = tokio::spawn({
+            let rx = stop_rx.clone();
+            async move { puller.run(stopped(rx)).await }
+        });
+
         let api = router(
             ApiState {
                 store: self.store.clone(),
                 engine: self.engine.clone(),
+                registry: self.registry.clone(),
+                pull: pull_handle,
             },
             config.max_sql_bytes,
         );
@@ -123,6 +167,11 @@ impl Collector {
         let flusher = tokio::spawn({
             let rx = stop_rx.clone();
             async move { flush_store.run_flusher(stopped(rx)).await }
+        });
+        let persister = tokio::spawn({
+            let rx = stop_rx.clone();
+            let registry = self.registry.clone();
+            async move { registry.run_persister(stopped(rx)).await }
         });
 
         tracing::info!(grpc = %self.grpc_addr, http = %self.http_addr, data_dir = %config.data_dir.display(), "collector serving");
@@ -145,10 +194,19 @@ impl Collector {
                 abort.abort();
             }
         }
+        // The pull scheduler abandons its pulls at once (unacknowledged batches stay at the agents).
+        if let Err(e) = puller.await {
+            tracing::error!(error = %e, "the pull scheduler failed");
+        }
         // The flusher sees the stop signal and runs a last flush.
         if let Err(e) = flusher.await {
             tracing::error!(error = %e, "the flusher task failed; the WAL keeps the rows for the next start");
         }
+        if let Err(e) = persister.await {
+            tracing::error!(error = %e, "the agent registry persister failed");
+        }
+        // Heartbeats answered during the grace period.
+        self.registry.persist().await;
         tracing::info!("collector stopped");
         match failure {
             Some(message) => Err(CollectorError::Server(message)),

@@ -51,6 +51,15 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes charge of a child started elsewhere (killed on drop; its stderr log shown if the test fails).
+    pub fn adopt(child: Child, name: &'static str, stderr_log: PathBuf) -> Proc {
+        Proc {
+            child,
+            name,
+            stderr_log,
+        }
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         signal(&self.child, "TERM");

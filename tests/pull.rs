@@ -1,0 +1,379 @@
+//! Pull mode end to end: a real agent serves its batches (`--listen`, no collector), a real collector pulls them
+//! (`pull_targets` in its config file); SQL sees the same tables and identity tags as in push mode; the agent's
+//! `/metrics` page is read by an independent Prometheus text parser (Python's `prometheus_client`); the collector
+//! reports the target up.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{CollectorProc, agent_bin, http_get, wait_until};
+use serde_json::Value;
+
+const MEASUREMENTS: [&str; 5] = ["cpu", "mem", "disk", "net", "system"];
+
+const IDENTITY: [(&str, &str); 7] = [
+    ("ns_id", "ns-pull"),
+    ("mcis_id", "mcis-p"),
+    ("vm_id", "vm-p1"),
+    ("csp", "gcp"),
+    ("region", "asia-northeast3"),
+    ("hostname", "pull-host"),
+    ("agent_id", "agent-pull"),
+];
+
+/// A child process, killed when dropped (its stderr is printed if the test failed).
+struct Guard {
+    child: Child,
+    name: &'static str,
+    stderr_log: PathBuf,
+}
+
+impl Guard {
+    fn spawn(name: &'static str, command: &mut Command, stderr_log: PathBuf) -> Guard {
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Guard {
+            child,
+            name,
+            stderr_log,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} stderr ---\n{}",
+                self.name,
+                std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A pull-mode agent (`--listen`, no collector) with the identity of [`IDENTITY`]; returns once `/health` answers.
+fn start_pull_agent(listen: &str, state_dir: &Path) -> Guard {
+    let mut command = Command::new(agent_bin());
+    command
+        .args(["--listen", listen, "--interval", "1"])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args([
+            "--ns",
+            "ns-pull",
+            "--mcis",
+            "mcis-p",
+            "--vm",
+            "vm-p1",
+            "--csp",
+            "gcp",
+            "--region",
+            "asia-northeast3",
+            "--hostname",
+            "pull-host",
+            "--agent-id",
+            "agent-pull",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("DAMSELFLY_COLLECTOR");
+    let agent = Guard::spawn(
+        "damselfly-agent (pull)",
+        &mut command,
+        state_dir.with_extension("agent.stderr"),
+    );
+    wait_until(Duration::from_secs(30), "agent /health", || {
+        http_get(&format!("http://{listen}/health")).is_ok_and(|(code, _)| code == 200)
+    });
+    agent
+}
+
+/// A port that was free a moment ago (the agent binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The interpreter with `prometheus_client` (installed by `scripts/test.sh`).
+fn python_with_prometheus_client() -> String {
+    let python = std::env::var("DAMSELFLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import prometheus_client.parser"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{python} cannot import prometheus_client: run the suite with `bash scripts/test.sh`, which installs it (or \
+         set DAMSELFLY_TEST_PYTHON to an interpreter that has it)"
+    );
+    python
+}
+
+/// Parses a Prometheus text exposition with `prometheus_client`'s parser; returns `{family: {type, samples:
+/// [[name, labels, value-as-text]]}}`. Panics if the parser rejects the text.
+fn parse_exposition(text: &str) -> serde_json::Map<String, Value> {
+    use std::io::Write;
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    if fam.name in out:
+        raise SystemExit("family %s appears twice" % fam.name)
+    out[fam.name] = {"type": fam.type,
+                     "samples": [[s.name, s.labels, repr(float(s.value))] for s in fam.samples]}
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(python_with_prometheus_client())
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client rejected /metrics: {}\n--- text ---\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice::<Value>(&out.stdout).unwrap() {
+        Value::Object(m) => m,
+        other => panic!("unexpected parser output {other}"),
+    }
+}
+
+fn get_json(url: &str) -> Value {
+    let (code, body) = http_get(url).unwrap();
+    assert_eq!(code, 200, "{url}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body}"))
+}
+
+#[test]
+fn collector_pulls_from_a_listening_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let agent = start_pull_agent(&listen, &dir.path().join("agent"));
+    let agent_url = format!("http://{listen}");
+
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "pull_targets = [\"{agent_url}\"]\npull_interval_secs = 1\npull_timeout_secs = 5\n"
+        ),
+    )
+    .unwrap();
+    let collector = CollectorProc::start(
+        &dir.path().join("store"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--flush-interval",
+            "3600",
+        ],
+    );
+
+    // The same tables as push mode, with the agent's identity on every row.
+    wait_until(
+        Duration::from_secs(60),
+        "pulled rows in every measurement",
+        || MEASUREMENTS.iter().all(|m| collector.count(m) >= 2),
+    );
+    for m in MEASUREMENTS {
+        let rows = collector.sql(&format!(
+            "SELECT DISTINCT ns_id, mcis_id, vm_id, csp, region, hostname, agent_id FROM {m}"
+        ));
+        assert_eq!(rows.len(), 1, "{m}: one identity expected, got {rows:?}");
+        for (key, value) in IDENTITY {
+            assert_eq!(rows[0][key], value, "{m}.{key}");
+        }
+    }
+    let total = collector.sql("SELECT count(*) AS n FROM cpu WHERE cpu = 'cpu-total'");
+    assert!(total[0]["n"].as_u64().unwrap() >= 2, "{total:?}");
+
+    // The collector reports the target up, with what it pulled.
+    wait_until(Duration::from_secs(30), "target up with batches", || {
+        let targets = get_json(&format!("{}/api/v1/pull/targets", collector.http));
+        targets.as_array().is_some_and(|t| {
+            t.iter().any(|t| {
+                t["url"] == agent_url.as_str()
+                    && t["status"] == "up"
+                    && t["agent_id"] == "agent-pull"
+                    && t["batches_pulled"].as_u64() >= Some(2)
+                    && t["ack_through_seq"].as_u64() > Some(0)
+                    && t["last_success_unix_ms"].is_u64()
+                    && t["consecutive_failures"] == 0
+            })
+        })
+    });
+
+    // The agent forgets what the collector acknowledged: its queue stays short.
+    let health = get_json(&format!("{agent_url}/health"));
+    assert_eq!(health["mode"], "pull", "{health}");
+    assert_eq!(health["agent_id"], "agent-pull", "{health}");
+    assert!(health["last_round_unix_nano"].is_i64() || health["last_round_unix_nano"].is_u64());
+    wait_until(Duration::from_secs(30), "agent queue drained", || {
+        get_json(&format!("{agent_url}/health"))["pending_batches"].as_u64() <= Some(3)
+    });
+
+    // /metrics is valid Prometheus text, per an independent parser.
+    let (code, text) = http_get(&format!("{agent_url}/metrics")).unwrap();
+    assert_eq!(code, 200);
+    let families = parse_exposition(&text);
+    let idle = &families["damselfly_cpu_usage_idle"];
+    assert_eq!(idle["type"], "gauge");
+    let total = idle["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s[1]["cpu"] == "cpu-total")
+        .unwrap_or_else(|| panic!("no cpu=\"cpu-total\" sample in {idle}"));
+    assert_eq!(total[1]["agent_id"], "agent-pull");
+    assert_eq!(total[1]["ns_id"], "ns-pull");
+    let value: f64 = total[2].as_str().unwrap().parse().unwrap();
+    assert!((0.0..=100.0).contains(&value), "{value}");
+    assert_eq!(families["damselfly_mem_used"]["type"], "gauge");
+    // Cumulative network counters are typed as counters (the parser names a counter family without `_total`).
+    assert_eq!(families["damselfly_net_bytes_recv"]["type"], "counter");
+
+    drop(agent);
+    collector.proc.terminate();
+}
+
+/// The VictoriaMetrics single-node server (Debian package `victoria-metrics`, installed by `scripts/test.sh`): its
+/// scraper is vmagent's.
+fn victoria_metrics_bin() -> String {
+    let bin = std::env::var("DAMSELFLY_TEST_VICTORIA_METRICS")
+        .unwrap_or_else(|_| "victoria-metrics".into());
+    let ok = Command::new(&bin)
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "cannot run {bin}: install the Debian package victoria-metrics (`bash scripts/test.sh` does), or set \
+         DAMSELFLY_TEST_VICTORIA_METRICS to its binary"
+    );
+    bin
+}
+
+/// Percent-encodes a query-string value.
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn victoria_metrics_scrapes_the_agent() {
+    let vm_bin = victoria_metrics_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_pull_agent(&listen, &dir.path().join("agent"));
+
+    let scrape = dir.path().join("scrape.yml");
+    std::fs::write(
+        &scrape,
+        format!(
+            "scrape_configs:\n  - job_name: damselfly\n    scrape_interval: 1s\n    static_configs:\n      - \
+             targets: [\"{listen}\"]\n"
+        ),
+    )
+    .unwrap();
+    let vm_addr = format!("127.0.0.1:{}", free_port());
+    let mut command = Command::new(vm_bin);
+    command
+        .arg(format!(
+            "-storageDataPath={}",
+            dir.path().join("vm").display()
+        ))
+        .arg(format!("-httpListenAddr={vm_addr}"))
+        .arg(format!("-promscrape.config={}", scrape.display()))
+        .args([
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+            "-loggerLevel=WARN",
+        ]);
+    let _vm = Guard::spawn(
+        "victoria-metrics",
+        &mut command,
+        dir.path().join("vm.stderr"),
+    );
+    let vm = format!("http://{vm_addr}");
+
+    // The scrape succeeds: target up, no error.
+    wait_until(
+        Duration::from_secs(60),
+        "the agent scraped without error",
+        || {
+            let Ok((200, body)) = http_get(&format!("{vm}/api/v1/targets")) else {
+                return false;
+            };
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            v["data"]["activeTargets"]
+                .as_array()
+                .is_some_and(|t| t.len() == 1 && t[0]["health"] == "up" && t[0]["lastError"] == "")
+        },
+    );
+
+    // The samples are stored with their labels and types: a gauge and a counter.
+    let query = |q: &str| -> Vec<Value> {
+        let (code, body) = http_get(&format!("{vm}/api/v1/query?query={}", encode(q))).unwrap();
+        assert_eq!(code, 200, "{q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    };
+    let mut idle = Vec::new();
+    wait_until(
+        Duration::from_secs(60),
+        "damselfly_cpu_usage_idle in VictoriaMetrics",
+        || {
+            idle = query(r#"damselfly_cpu_usage_idle{cpu="cpu-total"}"#);
+            !idle.is_empty()
+        },
+    );
+    assert_eq!(idle.len(), 1, "{idle:?}");
+    let metric = &idle[0]["metric"];
+    for (key, value) in IDENTITY {
+        assert_eq!(metric[key], value, "{key} in {metric}");
+    }
+    let value: f64 = idle[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!((0.0..=100.0).contains(&value), "{value}");
+    assert!(!query("damselfly_net_bytes_recv").is_empty());
+    assert!(!query("damselfly_agent_last_round_timestamp_seconds").is_empty());
+
+    // Not one line of the page was refused by the parser.
+    let (_, own) = http_get(&format!("{vm}/metrics")).unwrap();
+    let invalid: f64 = own
+        .lines()
+        .filter(|l| l.starts_with("vm_rows_invalid_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(invalid, 0.0, "VictoriaMetrics refused rows");
+}
