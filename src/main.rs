@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod install;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use damselfly_agent::AgentConfig;
 use damselfly_collector::config::WalSync;
@@ -48,6 +50,70 @@ enum Command {
     Sql(SqlArgs),
     /// List the agents a collector knows (registered or seen from their batches), with their status.
     Agents(AgentsArgs),
+    /// Manage agents on VMs.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Install the agent on a VM over SSH, start it, and wait for its first heartbeat.
+    Install(InstallArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// The VM: user@host or user@host:port.
+    #[arg(long, value_name = "USER@HOST[:PORT]")]
+    ssh: String,
+    /// SSH private key.
+    #[arg(long, value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// Known-hosts file the VM's host key is checked against [default: ~/.ssh/known_hosts].
+    #[arg(long, value_name = "FILE")]
+    known_hosts: Option<PathBuf>,
+    /// Accept and record the host key of a VM not yet in the known-hosts file (a changed key is still refused).
+    #[arg(long)]
+    trust_on_first_use: bool,
+    /// Agent binary to copy [default: damselfly-agent next to this program].
+    #[arg(long, value_name = "FILE")]
+    agent_binary: Option<PathBuf>,
+    /// Agent config file to start from (flags below override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Collector gRPC URL as the VM reaches it.
+    #[arg(long, value_name = "URL")]
+    collector: Option<String>,
+    /// Collector HTTP API to watch for the agent's heartbeat; without it the heartbeat step is skipped.
+    #[arg(long, value_name = "URL")]
+    collector_http: Option<String>,
+    /// Directory on the VM.
+    #[arg(long, value_name = "DIR", default_value = "/opt/damselfly")]
+    install_dir: String,
+    /// Seconds to wait for the first heartbeat.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    wait: u64,
+    /// Do not use systemd even when the VM has it (start in the background with a pid file).
+    #[arg(long)]
+    no_systemd: bool,
+    /// Collection interval on the VM.
+    #[arg(long, value_name = "SECS")]
+    interval: Option<u64>,
+    #[arg(long, value_name = "ID")]
+    ns: Option<String>,
+    #[arg(long, value_name = "ID")]
+    mcis: Option<String>,
+    #[arg(long, value_name = "ID")]
+    vm: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    csp: Option<String>,
+    #[arg(long, value_name = "NAME")]
+    region: Option<String>,
+    /// Host name tag [default: the VM's own, taken from --vm or the SSH host].
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +238,13 @@ enum OutputFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // Installing drives `ssh` synchronously; it needs no async runtime around it.
+    if let Command::Agent {
+        command: AgentCommand::Install(args),
+    } = &cli.command
+    {
+        return agent_install(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -191,6 +264,7 @@ fn main() -> ExitCode {
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
             Command::Agents(args) => agents(args).await,
+            Command::Agent { .. } => ExitCode::FAILURE,
         }
     })
 }
@@ -595,5 +669,83 @@ fn age(secs: u64) -> String {
         60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
         3600..86400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
         _ => format!("{}d{:02}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+fn agent_install(args: &InstallArgs) -> ExitCode {
+    let mut config = match &args.config {
+        Some(path) => match AgentConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("damselfly agent install: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => AgentConfig::default(),
+    };
+    if args.collector.is_some() {
+        config.collector.clone_from(&args.collector);
+    }
+    let set = |slot: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            slot.clone_from(v);
+        }
+    };
+    set(&mut config.ns_id, &args.ns);
+    set(&mut config.mcis_id, &args.mcis);
+    set(&mut config.vm_id, &args.vm);
+    set(&mut config.csp, &args.csp);
+    set(&mut config.region, &args.region);
+    // This machine's host name means nothing on the VM: use the flag, else the VM id, else the SSH host.
+    config.hostname = args.hostname.clone().unwrap_or_else(|| {
+        if config.vm_id.is_empty() {
+            args.ssh
+                .rsplit('@')
+                .next()
+                .unwrap_or("vm")
+                .trim_start_matches('[')
+                .split([']', ':'])
+                .next()
+                .unwrap_or("vm")
+                .to_owned()
+        } else {
+            config.vm_id.clone()
+        }
+    });
+    if let Some(i) = args.interval {
+        config.interval = i;
+    }
+    let agent_binary = match &args.agent_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(format!("damselfly-agent{}", std::env::consts::EXE_SUFFIX))))
+            .unwrap_or_else(|| PathBuf::from("damselfly-agent")),
+    };
+    let plan = install::InstallPlan {
+        target: args.ssh.clone(),
+        identity: args.identity.clone(),
+        known_hosts: args.known_hosts.clone(),
+        trust_on_first_use: args.trust_on_first_use,
+        agent_binary,
+        config,
+        install_dir: args.install_dir.clone(),
+        collector_http: args.collector_http.clone(),
+        wait: Duration::from_secs(args.wait),
+        no_systemd: args.no_systemd,
+    };
+    let mut progress = |step: &str| println!("==> {step}");
+    match install::install(&plan, &mut progress) {
+        Ok(report) => {
+            println!("installed agent {} on {} as {}", report.agent_id, report.host, report.service);
+            if let Some(after) = report.heartbeat_after {
+                println!("first heartbeat after {:.1} s", after.as_secs_f64());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("damselfly agent install: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
