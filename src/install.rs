@@ -85,7 +85,11 @@ impl Ssh {
             "-o".into(),
             format!(
                 "StrictHostKeyChecking={}",
-                if plan.trust_on_first_use { "accept-new" } else { "yes" }
+                if plan.trust_on_first_use {
+                    "accept-new"
+                } else {
+                    "yes"
+                }
             ),
             "-o".into(),
             format!("UserKnownHostsFile={}", known_hosts.display()),
@@ -108,13 +112,19 @@ impl Ssh {
     }
 
     /// Runs `script` with `sh -c` on the VM, feeding `stdin`; returns stdout, or the step's error with stderr.
-    fn run(&self, step: &'static str, script: &str, stdin: Option<&Path>) -> Result<String, InstallError> {
+    fn run(
+        &self,
+        step: &'static str,
+        script: &str,
+        stdin: Option<&Path>,
+    ) -> Result<String, InstallError> {
         let mut cmd = Command::new("ssh");
         cmd.args(&self.options);
         if let Some(port) = self.port {
             cmd.args(["-p", &port.to_string()]);
         }
-        cmd.arg(&self.user_host).arg(format!("sh -c {}", shell_quote(script)));
+        cmd.arg(&self.user_host)
+            .arg(format!("sh -c {}", shell_quote(script)));
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         match stdin {
             Some(path) => {
@@ -136,14 +146,19 @@ impl Ssh {
             return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-        Err(fail(step, explain_ssh_failure(output.status.code(), &stderr, &self.user_host)))
+        Err(fail(
+            step,
+            explain_ssh_failure(output.status.code(), &stderr, &self.user_host),
+        ))
     }
 }
 
 /// Turns OpenSSH's exit status and message into advice.
 fn explain_ssh_failure(code: Option<i32>, stderr: &str, host: &str) -> String {
     let lower = stderr.to_ascii_lowercase();
-    let hint = if lower.contains("host key verification failed") || lower.contains("no matching host key") {
+    let hint = if lower.contains("host key verification failed")
+        || lower.contains("no matching host key")
+    {
         if lower.contains("changed") || lower.contains("remote host identification has changed") {
             " — the host key CHANGED since it was recorded: verify the VM's key out of band before touching \
              known_hosts"
@@ -154,12 +169,18 @@ fn explain_ssh_failure(code: Option<i32>, stderr: &str, host: &str) -> String {
     } else if lower.contains("permission denied") {
         " — authentication failed: check the user and --identity key (the VM must have its public key in \
          authorized_keys)"
-    } else if lower.contains("connection refused") || lower.contains("timed out") || lower.contains("no route") {
+    } else if lower.contains("connection refused")
+        || lower.contains("timed out")
+        || lower.contains("no route")
+    {
         " — the SSH server is not reachable: check the host, the port and firewalls"
     } else {
         ""
     };
-    let status = code.map_or_else(|| "killed by a signal".to_owned(), |c| format!("exit status {c}"));
+    let status = code.map_or_else(
+        || "killed by a signal".to_owned(),
+        |c| format!("exit status {c}"),
+    );
     if stderr.is_empty() {
         format!("ssh to {host} failed ({status}){hint}")
     } else {
@@ -172,18 +193,26 @@ fn split_target(target: &str) -> Result<(String, Option<u16>), String> {
         .split_once('@')
         .ok_or_else(|| format!("--ssh {target:?} must be user@host or user@host:port"))?;
     if user.is_empty() || host_port.is_empty() {
-        return Err(format!("--ssh {target:?} must be user@host or user@host:port"));
+        return Err(format!(
+            "--ssh {target:?} must be user@host or user@host:port"
+        ));
     }
     match host_port.rsplit_once(':') {
         // An IPv6 address without a port, like [::1], has colons but ends with ']'.
         Some((host, port)) if !host_port.ends_with(']') => {
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("--ssh {target:?}: port {port:?} is not a number from 1 to 65535"))?;
+            let port: u16 = port.parse().map_err(|_| {
+                format!("--ssh {target:?}: port {port:?} is not a number from 1 to 65535")
+            })?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             Ok((format!("{user}@{host}"), Some(port)))
         }
-        _ => Ok((format!("{user}@{}", host_port.trim_start_matches('[').trim_end_matches(']')), None)),
+        _ => Ok((
+            format!(
+                "{user}@{}",
+                host_port.trim_start_matches('[').trim_end_matches(']')
+            ),
+            None,
+        )),
     }
 }
 
@@ -218,10 +247,16 @@ pub fn systemd_unit(install_dir: &str) -> String {
 }
 
 /// Runs the whole installation, printing each step as it goes.
-pub fn install(plan: &InstallPlan, progress: &mut dyn FnMut(&str)) -> Result<InstallReport, InstallError> {
-    plan.config
-        .validate()
-        .map_err(|e| fail("prepare", format!("the agent configuration is invalid: {e}")))?;
+pub fn install(
+    plan: &InstallPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<InstallReport, InstallError> {
+    plan.config.validate().map_err(|e| {
+        fail(
+            "prepare",
+            format!("the agent configuration is invalid: {e}"),
+        )
+    })?;
     if !plan.agent_binary.is_file() {
         return Err(fail(
             "prepare",
@@ -235,7 +270,10 @@ pub fn install(plan: &InstallPlan, progress: &mut dyn FnMut(&str)) -> Result<Ins
     if !plan.install_dir.starts_with('/') || plan.install_dir.contains(['\'', '\n']) {
         return Err(fail(
             "prepare",
-            format!("--install-dir {:?} must be an absolute path without quotes", plan.install_dir),
+            format!(
+                "--install-dir {:?} must be an absolute path without quotes",
+                plan.install_dir
+            ),
         ));
     }
     let agent_id = plan.config.effective_agent_id();
@@ -372,7 +410,11 @@ fn wait_for_heartbeat(url: &str, agent_id: &str, wait: Duration) -> Result<Durat
     let mut last = String::from("no answer yet");
     while started.elapsed() < wait {
         let answer = runtime.block_on(async {
-            let response = client.get(&endpoint).send().await.map_err(|e| e.to_string())?;
+            let response = client
+                .get(&endpoint)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             let status = response.status();
             let body = response.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {
@@ -411,10 +453,22 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!(split_target("root@10.0.0.5").ok(), Some(("root@10.0.0.5".into(), None)));
-        assert_eq!(split_target("ops@vm1:2222").ok(), Some(("ops@vm1".into(), Some(2222))));
-        assert_eq!(split_target("ops@[::1]:22").ok(), Some(("ops@::1".into(), Some(22))));
-        assert_eq!(split_target("ops@[::1]").ok(), Some(("ops@::1".into(), None)));
+        assert_eq!(
+            split_target("root@10.0.0.5").ok(),
+            Some(("root@10.0.0.5".into(), None))
+        );
+        assert_eq!(
+            split_target("ops@vm1:2222").ok(),
+            Some(("ops@vm1".into(), Some(2222)))
+        );
+        assert_eq!(
+            split_target("ops@[::1]:22").ok(),
+            Some(("ops@::1".into(), Some(22)))
+        );
+        assert_eq!(
+            split_target("ops@[::1]").ok(),
+            Some(("ops@::1".into(), None))
+        );
         assert!(split_target("vm1").is_err());
         assert!(split_target("@vm1").is_err());
         assert!(split_target("ops@vm1:99999").is_err());
@@ -429,7 +483,11 @@ mod tests {
     fn host_key_failures_get_advice() {
         let m = explain_ssh_failure(Some(255), "Host key verification failed.", "root@h");
         assert!(m.contains("--trust-on-first-use"), "{m}");
-        let m = explain_ssh_failure(Some(255), "root@h: Permission denied (publickey).", "root@h");
+        let m = explain_ssh_failure(
+            Some(255),
+            "root@h: Permission denied (publickey).",
+            "root@h",
+        );
         assert!(m.contains("authorized_keys"), "{m}");
     }
 }

@@ -60,7 +60,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum AgentCommand {
     /// Install the agent on a VM over SSH, start it, and wait for its first heartbeat.
-    Install(InstallArgs),
+    Install(Box<InstallArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -719,7 +719,10 @@ fn agent_install(args: &InstallArgs) -> ExitCode {
         Some(p) => p.clone(),
         None => std::env::current_exe()
             .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join(format!("damselfly-agent{}", std::env::consts::EXE_SUFFIX))))
+            .and_then(|exe| {
+                exe.parent()
+                    .map(|d| d.join(format!("damselfly-agent{}", std::env::consts::EXE_SUFFIX)))
+            })
             .unwrap_or_else(|| PathBuf::from("damselfly-agent")),
     };
     let plan = install::InstallPlan {
@@ -737,7 +740,10 @@ fn agent_install(args: &InstallArgs) -> ExitCode {
     let mut progress = |step: &str| println!("==> {step}");
     match install::install(&plan, &mut progress) {
         Ok(report) => {
-            println!("installed agent {} on {} as {}", report.agent_id, report.host, report.service);
+            println!(
+                "installed agent {} on {} as {}",
+                report.agent_id, report.host, report.service
+            );
             if let Some(after) = report.heartbeat_after {
                 println!("first heartbeat after {:.1} s", after.as_secs_f64());
             }

@@ -2,9 +2,9 @@
 //! 127.0.0.1. A collector outage (60 s, as the issue asks) loses nothing and keeps the original timestamps; an
 //! agent killed mid-outage loses nothing it had spooled; a full spool drops the oldest batches and says so.
 //!
-//! The collector must come back on the port the agent was given, so these tests pick a free port (bind
-//! 127.0.0.1:0, drop) and start collectors on it themselves; the shared harness only starts them on port 0. The
-//! tests are independent processes and run concurrently (the outage test takes about 1.5 minutes).
+//! The collector must come back on the port the agent was given, so these tests pick a free port (outside the
+//! ephemeral range, see [`free_port`]) and start collectors on it themselves; the shared harness only starts them
+//! on port 0. The tests are independent processes and run concurrently (the outage test takes about 1.5 minutes).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -29,8 +29,26 @@ fn now_ns() -> i64 {
         .as_nanos() as i64
 }
 
-/// A port nobody listens on right now.
+/// A free port below the kernel's ephemeral range (`ip_local_port_range`): nothing that binds port 0 or connects
+/// out (every other test, and the agent itself) can be handed it while the collector is down, so it is still free
+/// when the collector comes back.
 fn free_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if low > 11_024 {
+        let mut x = (now_ns() as u64) ^ (u64::from(std::process::id()) << 20);
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let port = low - 1 - ((x >> 33) % 10_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -363,8 +381,9 @@ fn full_spool_drops_the_oldest_and_counts_them() {
     wait_until(Duration::from_secs(30), "a drop warning", || {
         agent.stderr().contains("points are lost")
     });
-    let stopped_at = now_ns();
     assert!(agent.terminate().success());
+    // Everything the first agent collected is older than this.
+    let stopped_at = now_ns();
     let log = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
@@ -374,12 +393,17 @@ fn full_spool_drops_the_oldest_and_counts_them() {
         })
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect::<String>();
-    let dropped: u64 = log
-        .rsplit_once("batches_dropped: ")
-        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no final stats in the agent log:\n{log}"));
+    // The final stats line: `stats=AgentStats { ..., batches_dropped: 23, ... }`.
+    let stat = |name: &str| -> u64 {
+        log.rsplit_once(&format!("{name}: "))
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the agent's final stats:\n{log}"))
+    };
+    let dropped = stat("batches_dropped");
+    let spooled = stat("pending_at_exit");
     assert!(dropped > 0, "batches_dropped = 0:\n{log}");
+    assert!(spooled > 0, "pending_at_exit = 0:\n{log}");
     assert!(log.contains("stay in the spool"), "{log}");
     let (_, bytes) = spool_segments(&spool);
     assert!(bytes > 0 && bytes <= 1 << 20, "{bytes}");
@@ -387,7 +411,12 @@ fn full_spool_drops_the_oldest_and_counts_them() {
     // The collector comes up and the agent restarts: what the spool kept is delivered, the oldest are gone.
     let collector = Collector::start(&store, port);
     let restarted_at = now_ns();
-    let agent = start_agent(&url, &state, &flags);
+    // A larger bound now, so the new rounds pushed while the old ones are replayed cannot evict them.
+    let agent = start_agent(
+        &url,
+        &state,
+        &[&flags[..], &["--spool-max-bytes", "16777216"]].concat(),
+    );
     wait_until(Duration::from_secs(60), "spool replayed", || {
         collector
             .cpu_times(ID, "cpu-total")
@@ -407,7 +436,22 @@ fn full_spool_drops_the_oldest_and_counts_them() {
                 .map(|r| r["t"].as_i64().unwrap())
         })
         .collect();
-    assert!(!kept.is_empty(), "nothing of the spool was delivered");
+    if kept.len() as u64 != spooled {
+        let logs: String = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".stderr"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect::<String>()
+            .lines()
+            .filter(|l| !l.contains("push to collector failed"))
+            .map(|l| l.chars().take(400).collect::<String>() + "\n")
+            .collect();
+        panic!(
+            "{} of the {spooled} spooled batches delivered:\n{logs}",
+            kept.len()
+        );
+    }
     assert!(
         kept.len() as u64 * BATCH_BYTES <= 1 << 20,
         "{} batches of {BATCH_BYTES} bytes cannot have fit in 1 MiB",

@@ -81,6 +81,14 @@ pub enum AgentError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The `listen` address cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The `listen` address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
     /// An internal task panicked or stopped unexpectedly.
     #[error("agent task failed: {0}")]
     Task(String),
@@ -297,8 +305,41 @@ pub async fn run(
     //   queue); pull-mode registration advertises `config.effective_advertise_addr()`;
     // * `collector` set: register.rs (registration, then heartbeats every `config.heartbeat_secs` reporting
     //   `handles.counters` pending / pending_bytes / batches_dropped and the uptime since `handles.started`).
-    #[allow(unused_mut)]
     let mut side_tasks: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(addr) = config.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Listen { addr, source })?;
+        side_tasks.push(serve::spawn(
+            listener,
+            serve::ServeState::from_handles(&handles, &config),
+            stop_rx.clone(),
+        ));
+    }
+    if let Some(url) = &config.collector {
+        let request = register::request(
+            agent_id.clone(),
+            common_tags(&config),
+            damselfly_proto::v1::AgentMode::Push,
+            String::new(),
+            config.interval,
+        );
+        let counters = Arc::clone(&handles.counters);
+        let status = move || register::AgentStatus {
+            pending_batches: counters.pending.load(Relaxed),
+            pending_bytes: counters.pending_bytes.load(Relaxed),
+            dropped_batches: counters.batches_dropped.load(Relaxed),
+        };
+        let mut stop = stop_rx.clone();
+        side_tasks.push(tokio::spawn(register::run(
+            url.clone(),
+            request,
+            status,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
+    }
 
     let mode = if config.collector.is_some() {
         "push"

@@ -203,23 +203,25 @@ async fn rejected_batch_is_dropped_not_resent() {
     );
 }
 
-/// A port nobody listens on (yet).
-async fn free_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+/// A port nobody listens on yet, reserved by a bound socket that does not listen: connections are refused until
+/// `listen` turns it into the collector's listener, and no other test can be given the port meanwhile (a port
+/// released and bound again could go to a parallel test's server).
+fn reserved_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
         .expect("bind");
-    l.local_addr().expect("addr")
+    (socket.local_addr().expect("addr"), socket)
 }
 
 #[tokio::test]
 async fn collector_down_at_start_then_up_delivers_everything() {
-    let addr = free_addr().await;
+    let (addr, socket) = reserved_addr();
     let collector = FakeCollector::default();
     let c = collector.clone();
     let starter = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        c.serve(listener)
+        c.serve(socket.listen(64).expect("listen"))
     });
     let stats = push_all(settings(addr), 100, batches(1..=8), Duration::ZERO).await;
     let _stop = starter.await.expect("starter");
@@ -230,13 +232,12 @@ async fn collector_down_at_start_then_up_delivers_everything() {
 
 #[tokio::test]
 async fn outage_longer_than_the_queue_drops_oldest() {
-    let addr = free_addr().await;
+    let (addr, socket) = reserved_addr();
     let collector = FakeCollector::default();
     let c = collector.clone();
     let starter = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        c.serve(listener)
+        c.serve(socket.listen(64).expect("listen"))
     });
     // All 10 batches reach the queue (bound 3) while the collector is down.
     let stats = push_all(
@@ -305,7 +306,7 @@ async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
 
 #[tokio::test]
 async fn run_with_collector_down_returns_after_bounded_flush() {
-    let addr = free_addr().await;
+    let (addr, _socket) = reserved_addr();
     let config = AgentConfig {
         collector: Some(format!("http://{addr}")),
         interval: 1,
@@ -329,13 +330,12 @@ async fn run_with_collector_down_returns_after_bounded_flush() {
 async fn spool_absorbs_an_outage_and_replays_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = DiskSpool::open(dir.path(), 1 << 20).expect("spool");
-    let addr = free_addr().await;
+    let (addr, socket) = reserved_addr();
     let collector = FakeCollector::default();
     let c = collector.clone();
     let starter = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
-        c.serve(listener)
+        c.serve(socket.listen(64).expect("listen"))
     });
     let (stats, _) = push_through(
         settings(addr),
@@ -392,7 +392,7 @@ async fn rejected_and_stored_batches_leave_the_spool() {
 /// original timestamps and seqs, once the collector is up; the restarted agent numbers above them.
 #[tokio::test]
 async fn run_keeps_undelivered_batches_in_the_spool_across_restarts() {
-    let addr = free_addr().await;
+    let (addr, socket) = reserved_addr();
     let state_dir = tempfile::tempdir().expect("tempdir");
     let config = AgentConfig {
         collector: Some(format!("http://{addr}")),
@@ -424,8 +424,7 @@ async fn run_keeps_undelivered_batches_in_the_spool_across_restarts() {
     assert_eq!(spooled.len() as u64, first.batches_created);
 
     let collector = FakeCollector::default();
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    let _stop = collector.serve(listener);
+    let _stop = collector.serve(socket.listen(64).expect("listen"));
     let second = crate::run(config, tokio::time::sleep(Duration::from_millis(1200)))
         .await
         .expect("second run");

@@ -215,14 +215,15 @@ impl BatchQueue for MemoryQueue {
 pub(crate) fn enqueue(queue: &SharedQueue, batches: Vec<WriteBatch>, counters: &Counters) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut dropped = Dropped::default();
-    {
+    let durable = {
         let mut q = lock(queue);
         for b in batches {
             counters.batches_created.fetch_add(1, Relaxed);
             dropped.merge(q.push(b));
         }
         counters.set_pending(q.len(), q.bytes());
-    }
+        q.durable()
+    };
     if !dropped.is_empty() {
         let total = counters.batches_dropped.fetch_add(dropped.batches, Relaxed) + dropped.batches;
         tracing::warn!(
@@ -231,7 +232,12 @@ pub(crate) fn enqueue(queue: &SharedQueue, batches: Vec<WriteBatch>, counters: &
             first_seq = dropped.first_seq,
             last_seq = dropped.last_seq,
             total_dropped = total,
-            "pending queue full: dropped the {} oldest batches; {} points are lost",
+            "{} full: dropped the {} oldest batches; {} points are lost",
+            if durable {
+                "disk spool (spool_max_bytes)"
+            } else {
+                "pending queue (max_pending_batches)"
+            },
             dropped.batches,
             dropped.points
         );

@@ -567,12 +567,13 @@ pub fn escape_label_value(value: &str) -> String {
 }
 
 /// `{k="v",...}` from the common tags and the point's tags (a point's own tag wins), sorted by name; empty when
-/// there is no tag.
+/// there is no tag. Empty values are left out (to Prometheus an empty label is an absent one).
 fn label_text(common: &[Tag], point: &Point) -> String {
     let mut labels: BTreeMap<String, &str> = BTreeMap::new();
     for t in common.iter().chain(&point.tags) {
         labels.insert(label_name(&t.key), &t.value);
     }
+    labels.retain(|_, v| !v.is_empty());
     if labels.is_empty() {
         return String::new();
     }
@@ -637,7 +638,11 @@ mod tests {
 
     fn round() -> Round {
         Round {
-            common_tags: vec![tag("agent_id", "a1"), tag("ns_id", "ns\"1\\\nx")],
+            common_tags: vec![
+                tag("agent_id", "a1"),
+                tag("ns_id", "ns\"1\\\nx"),
+                tag("csp", ""),
+            ],
             points: vec![
                 point(
                     "cpu",
@@ -715,6 +720,8 @@ mod tests {
             r#"damselfly_my_meas_x_field_with_dots{_9_bad_key="v",agent_id="a1",ns_id="ns\"1\\\nx",tag__name__="n"} -3"#
         ));
         assert!(text.ends_with('\n'));
+        // Empty label values are left out.
+        assert!(!text.contains("csp="));
         assert_eq!(render_metrics(None), "");
     }
 
