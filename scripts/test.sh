@@ -12,12 +12,18 @@ if ! "$VENV/bin/python" -c 'import pyarrow.parquet, prometheus_client.parser' 2>
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'pyarrow>=17' 'prometheus-client>=0.20'
 fi
 export DAMSELFLY_TEST_PYTHON="$PWD/$VENV/bin/python"
-if ! command -v victoria-metrics >/dev/null 2>&1; then
-  echo "==> installing victoria-metrics (Debian package: an independent Prometheus scraper for the tests)"
+# Real servers and clients the black-box tests start: vmagent (victoria-metrics: an independent Prometheus
+# scraper) and OpenSSH (sshd on a 127.0.0.1 high port for `damselfly agent install --ssh`).
+MISSING=()
+command -v victoria-metrics >/dev/null 2>&1 || MISSING+=(victoria-metrics)
+[ -x /usr/sbin/sshd ] || MISSING+=(openssh-server)
+command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || MISSING+=(openssh-client)
+if [ ${#MISSING[@]} -gt 0 ]; then
+  echo "==> installing ${MISSING[*]} (Debian packages the tests need)"
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq victoria-metrics >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 
 echo "==> cargo fmt --check"
@@ -26,5 +32,8 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo build --workspace --bins (the black-box tests run the binaries)"
 cargo build --workspace --bins
+# The tests build the agent alone (`-p`), whose feature set differs from the workspace's: build it here once so the
+# tests find it up to date instead of compiling it mid-test.
+cargo build -p damselfly-agent --bin damselfly-agent
 echo "==> cargo test --workspace"
 cargo test --workspace
