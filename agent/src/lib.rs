@@ -418,6 +418,12 @@ pub async fn run(
             pending_bytes,
             "{pending} undelivered batches stay in the spool; they are delivered after the next start"
         );
+    } else if pending > 0 && config.collector.is_none() {
+        // Pull mode: the agent cannot deliver by itself; these waited for the collector's next pull.
+        tracing::warn!(
+            pending,
+            "{pending} batches were not pulled by a collector before shutdown; without a spool they are lost"
+        );
     } else if pending > 0 {
         tracing::warn!(
             pending,
