@@ -1,10 +1,13 @@
 //! Persistence: turning buffered rows into Parquet files, and the index of files already in the store.
 //!
-//! Layout (documented for other engines in docs/ARCHITECTURE.md):
+//! Layout (documented for other engines in docs/STORAGE.md):
 //! `data/<table>/date=YYYY-MM-DD/hour=HH/<shard>-<walseq:020>.parquet`. `walseq` is the last WAL sequence whose
 //! rows the file includes: on start-up, WAL records at or below the highest `walseq` of a partition are not
 //! replayed into that partition again, which makes replay idempotent even after a crash in the middle of a flush.
-//! Rows are sorted by series (tags in name order) then time; zstd; dictionary-encoded tags; delta-encoded time.
+//! Rows are sorted by series (tags in name order) then time; zstd; dictionary-encoded tags with bloom filters;
+//! delta-encoded time and integers. A float column whose values in a file are all exact decimals (`m / 10^s`)
+//! is stored as `DECIMAL(18, s)` on INT64 with delta encoding and listed in the `damselfly.decimal_floats`
+//! key-value metadata; readers turn it back into the very same f64 values (see [`encode_floats`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,16 +15,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, Int64Array, RecordBatch, TimestampNanosecondArray, new_null_array,
+    Array, ArrayRef, AsArray, Decimal128Array, Float64Array, Int64Array, RecordBatch,
+    TimestampNanosecondArray, new_null_array,
 };
 use arrow::compute::{cast, concat_batches, take_record_batch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use arrow::row::{RowConverter, SortField};
 use chrono::{DateTime, Timelike};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{KeyValue, SortingColumn};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
@@ -34,6 +38,22 @@ const NANOS_PER_HOUR: i64 = 3_600_000_000_000;
 const META_WAL_SEQ: &str = "damselfly.wal_seq";
 const META_MIN_TIME: &str = "damselfly.min_time";
 const META_MAX_TIME: &str = "damselfly.max_time";
+/// File key-value metadata: a JSON array naming the f64 columns this file stores as `DECIMAL(18, s)`.
+pub const META_DECIMAL_FLOATS: &str = "damselfly.decimal_floats";
+
+/// Precision of the decimals floats are stored as: 18 digits is the most an INT64 holds, so Parquet stores them
+/// as INT64, which delta-encodes.
+const DECIMAL_PRECISION: u8 = 18;
+/// Most digits after the point tried before a float column is left as f64.
+const MAX_DECIMAL_SCALE: i8 = 9;
+/// Largest unscaled decimal accepted: beyond 2^53 an i64 does not convert to f64 exactly, and the reader's
+/// division would no longer be the correctly rounded quotient.
+const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
+/// zstd level: measured in benches/RESULTS.md (storage size); higher levels cost flush CPU for little gain.
+const ZSTD_LEVEL: i32 = 3;
+/// False-positive rate of the tag columns' bloom filters. The writer sizes them for `row_group_rows` distinct
+/// values, then folds them down to the distinct values actually seen, so a 100-host column costs ~128 bytes.
+const BLOOM_FPP: f64 = 0.01;
 
 /// One Parquet file of the store.
 #[derive(Debug, Clone)]
@@ -131,28 +151,169 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-/// Writer settings for time-series tables.
+/// Writer settings for time-series tables, chosen per column from the *stored* Arrow schema (after
+/// [`encode_floats`]): the time column, decimal-stored floats and integers are delta-encoded (sorted series make
+/// their deltas small); tags are dictionary-encoded with a bloom filter (tag equality skips row groups whose
+/// min/max cannot exclude the value); f64 columns that are not decimals use BYTE_STREAM_SPLIT, which lets zstd
+/// find the repeated sign/exponent bytes. Page statistics and the page index are on; the sort order is recorded.
 pub fn writer_properties(
     schema: &SchemaRef,
     row_group_rows: usize,
     kv: Vec<KeyValue>,
 ) -> WriterProperties {
+    let row_group_rows = row_group_rows.max(1);
     let mut builder = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(ZSTD_LEVEL).unwrap_or_default(),
+        ))
         .set_statistics_enabled(EnabledStatistics::Page)
-        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .set_max_row_group_row_count(Some(row_group_rows))
         .set_key_value_metadata(Some(kv));
-    let time = ColumnPath::from(TIME_COLUMN);
-    builder = builder
-        .set_column_dictionary_enabled(time.clone(), false)
-        .set_column_encoding(time, Encoding::DELTA_BINARY_PACKED);
-    for field in schema.fields() {
-        if *field.data_type() == tag_data_type() {
-            builder = builder
-                .set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true);
+    let mut sorting = Vec::new();
+    for (i, field) in schema.fields().iter().enumerate() {
+        let column = ColumnPath::from(field.name().as_str());
+        let delta = |b: parquet::file::properties::WriterPropertiesBuilder| {
+            b.set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column.clone(), Encoding::DELTA_BINARY_PACKED)
+        };
+        builder = match field.data_type() {
+            _ if field.name() == TIME_COLUMN => delta(builder),
+            t if *t == tag_data_type() => {
+                sorting.push(i);
+                builder
+                    .set_column_dictionary_enabled(column.clone(), true)
+                    .set_column_bloom_filter_fpp(column.clone(), BLOOM_FPP)
+                    .set_column_bloom_filter_max_ndv(column, row_group_rows as u64)
+            }
+            DataType::Decimal128(..) | DataType::Int64 | DataType::UInt64 => delta(builder),
+            DataType::Float64 => builder
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, Encoding::BYTE_STREAM_SPLIT),
+            _ => builder,
+        };
+    }
+    // Rows are sorted by the tags in schema (name) order, then time: recorded for engines that use it.
+    if let Ok(time) = schema.index_of(TIME_COLUMN) {
+        sorting.push(time);
+    }
+    let sorting = sorting
+        .into_iter()
+        .map(|i| SortingColumn {
+            column_idx: i as i32,
+            descending: false,
+            nulls_first: true,
+        })
+        .collect();
+    builder.set_sorting_columns(Some(sorting)).build()
+}
+
+/// Stores float columns as decimals where that is lossless: when every non-null value of a Float64 column is
+/// exactly `m / 10^s` for some `s <= MAX_DECIMAL_SCALE` and `|m| <= 2^53`, the column becomes
+/// `Decimal128(18, s)` (Parquet: DECIMAL on INT64), which delta-encodes to a few bits per value where the float's
+/// bytes look random to zstd. The check runs the very cast kernel readers use (`arrow::compute::cast`, which
+/// DataFusion's schema adapter and [`conform`] call), and compares bits, so reading the column back as Float64
+/// gives every value bit for bit (-0.0, NaN and infinities keep a column f64). Returns the stored batch and the
+/// names of the converted columns.
+pub fn encode_floats(batch: &RecordBatch) -> Result<(RecordBatch, Vec<String>)> {
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    let mut converted = Vec::new();
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let decimal = match column.as_primitive_opt::<Float64Type>() {
+            Some(values) => as_decimal(values)?,
+            None => None,
+        };
+        match decimal {
+            Some(decimal) => {
+                fields.push(Arc::new(Field::new(
+                    field.name(),
+                    decimal.data_type().clone(),
+                    field.is_nullable(),
+                )));
+                columns.push(Arc::new(decimal) as ArrayRef);
+                converted.push(field.name().clone());
+            }
+            None => {
+                fields.push(field.clone());
+                columns.push(column.clone());
+            }
         }
     }
-    builder.build()
+    if converted.is_empty() {
+        return Ok((batch.clone(), converted));
+    }
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    Ok((RecordBatch::try_new(schema, columns)?, converted))
+}
+
+/// The column as `Decimal128(18, s)` if that round-trips exactly through the Decimal -> Float64 cast.
+fn as_decimal(values: &Float64Array) -> Result<Option<Decimal128Array>> {
+    let Some(scale) = decimal_scale(values) else {
+        return Ok(None);
+    };
+    let pow = 10f64.powi(i32::from(scale));
+    // Null slots hold whatever the builder left there; `as` saturates, so no value can panic here.
+    let decimal = values
+        .unary::<_, arrow::datatypes::Decimal128Type>(|v| (v * pow).round() as i128)
+        .with_precision_and_scale(DECIMAL_PRECISION, scale)?;
+    let back = cast(&decimal, &DataType::Float64)?;
+    let back = back.as_primitive::<Float64Type>();
+    let exact = (0..values.len())
+        .all(|i| values.is_null(i) || values.value(i).to_bits() == back.value(i).to_bits());
+    if !exact {
+        // The scalar search below mirrors the kernel, so this should not happen; if a future kernel rounds
+        // differently, the column simply stays f64.
+        tracing::debug!(scale, "decimal candidate did not round-trip; keeping f64");
+        return Ok(None);
+    }
+    Ok(Some(decimal))
+}
+
+/// The smallest scale `s` at which every non-null value is `m / 10^s` (computed as the cast kernel does:
+/// `(m as f64) / 10^s`), or `None` (no non-null value, or one that is not such a decimal). If a value is a
+/// decimal at scale `s` it is one at every larger scale (`10m / 10^(s+1)` is the same quotient), so one pass that
+/// only ever raises the scale finds it.
+fn decimal_scale(values: &Float64Array) -> Option<i8> {
+    let mut scale = 0i8;
+    let mut pow = 1.0f64;
+    let mut seen = false;
+    for (i, &v) in values.values().iter().enumerate() {
+        if values.is_null(i) {
+            continue;
+        }
+        if !v.is_finite() {
+            return None;
+        }
+        seen = true;
+        loop {
+            let m = (v * pow).round();
+            if m.abs() <= MAX_EXACT_INT && ((m as i64) as f64 / pow).to_bits() == v.to_bits() {
+                break;
+            }
+            if scale == MAX_DECIMAL_SCALE {
+                return None;
+            }
+            scale += 1;
+            pow *= 10.0;
+        }
+    }
+    seen.then_some(scale)
+}
+
+/// The table schema of a stored file: columns listed in `damselfly.decimal_floats` are f64 columns.
+fn table_schema_of_file(schema: &Schema, decimal_floats: &[String]) -> Schema {
+    let fields: Vec<_> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Decimal128(..) if decimal_floats.contains(f.name()) => {
+                Arc::new(Field::new(f.name(), DataType::Float64, f.is_nullable()))
+            }
+            _ => f.clone(),
+        })
+        .collect();
+    Schema::new(fields)
 }
 
 /// Writes one table's buffered chunks as Parquet, one file per hour partition. Files appear atomically
@@ -252,20 +413,29 @@ fn write_file(
         .values()
         .iter()
         .fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
-    let kv = vec![
+    let (stored, decimal_floats) = encode_floats(batch)?;
+    let mut kv = vec![
         KeyValue::new(META_WAL_SEQ.to_string(), wal_seq.to_string()),
         KeyValue::new(META_MIN_TIME.to_string(), min_time.to_string()),
         KeyValue::new(META_MAX_TIME.to_string(), max_time.to_string()),
     ];
-    let props = writer_properties(&batch.schema(), row_group_rows, kv);
+    if !decimal_floats.is_empty() {
+        let names =
+            serde_json::to_string(&decimal_floats).map_err(|e| CollectorError::Parquet {
+                path: tmp.clone(),
+                message: format!("encoding {META_DECIMAL_FLOATS}: {e}"),
+            })?;
+        kv.push(KeyValue::new(META_DECIMAL_FLOATS.to_string(), names));
+    }
+    let props = writer_properties(&stored.schema(), row_group_rows, kv);
     let parquet_err = |e: parquet::errors::ParquetError| CollectorError::Parquet {
         path: tmp.clone(),
         message: e.to_string(),
     };
     let file = File::create(&tmp).map_err(|e| CollectorError::io(&tmp, e))?;
     let mut writer =
-        ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(parquet_err)?;
-    writer.write(batch).map_err(parquet_err)?;
+        ArrowWriter::try_new(file, stored.schema(), Some(props)).map_err(parquet_err)?;
+    writer.write(&stored).map_err(parquet_err)?;
     let file = writer.into_inner().map_err(parquet_err)?;
     file.sync_all().map_err(|e| CollectorError::io(&tmp, e))?;
     drop(file);
@@ -298,21 +468,27 @@ pub fn read_file_meta(path: &Path, table: &str) -> Result<(ParquetFile, TableSch
         .map_err(|e| CollectorError::io(path, e))?
         .len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
-    let schema =
-        TableSchema::from_arrow(builder.schema()).map_err(|m| CollectorError::Parquet {
-            path: path.to_path_buf(),
-            message: m,
-        })?;
     let meta = builder.metadata().file_metadata();
-    let kv = |key: &str| -> Option<i64> {
+    let kv_str = |key: &str| -> Option<&str> {
         meta.key_value_metadata()?
             .iter()
             .find(|kv| kv.key == key)?
             .value
-            .as_deref()?
-            .parse()
-            .ok()
+            .as_deref()
     };
+    let kv = |key: &str| -> Option<i64> { kv_str(key)?.parse().ok() };
+    let decimal_floats: Vec<String> = match kv_str(META_DECIMAL_FLOATS) {
+        Some(json) => serde_json::from_str(json).map_err(|e| CollectorError::Parquet {
+            path: path.to_path_buf(),
+            message: format!("bad {META_DECIMAL_FLOATS} metadata: {e}"),
+        })?,
+        None => Vec::new(),
+    };
+    let schema = TableSchema::from_arrow(&table_schema_of_file(builder.schema(), &decimal_floats))
+        .map_err(|m| CollectorError::Parquet {
+            path: path.to_path_buf(),
+            message: m,
+        })?;
     let missing = |what: &str| CollectorError::Parquet {
         path: path.to_path_buf(),
         message: format!("missing {what} metadata; not a Damselfly file"),
@@ -453,6 +629,101 @@ mod tests {
         assert_eq!(
             times.values().to_vec(),
             vec![hour0 + 1, hour0 + 9, hour0 + 5]
+        );
+    }
+
+    fn floats(values: &[Option<f64>]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![arrow::datatypes::Field::new(
+            "v",
+            DataType::Float64,
+            true,
+        )]));
+        let column = Arc::new(Float64Array::from(values.to_vec())) as ArrayRef;
+        RecordBatch::try_new(schema, vec![column]).expect("batch")
+    }
+
+    fn stored_type(values: &[Option<f64>]) -> DataType {
+        let (stored, _) = encode_floats(&floats(values)).expect("encode");
+        stored.schema().field(0).data_type().clone()
+    }
+
+    #[test]
+    fn floats_become_decimals_only_when_exact() {
+        assert_eq!(
+            stored_type(&[Some(94.82), None, Some(-0.07), Some(100.0)]),
+            DataType::Decimal128(18, 2)
+        );
+        assert_eq!(
+            stored_type(&[Some(3.0), Some(-7e12)]),
+            DataType::Decimal128(18, 0)
+        );
+        assert_eq!(
+            stored_type(&[Some(0.1), Some(0.000_000_001)]),
+            DataType::Decimal128(18, 9)
+        );
+        // Not short decimals, or not representable as one: the column stays f64.
+        for values in [
+            vec![Some(1.0 / 3.0)],
+            vec![Some(1.0), Some(f64::NAN)],
+            vec![Some(f64::INFINITY)],
+            vec![Some(-0.0), Some(1.5)],
+            vec![Some(1e-10)],
+            vec![Some(2f64.powi(60))],
+            vec![None, None],
+        ] {
+            assert_eq!(stored_type(&values), DataType::Float64, "{values:?}");
+        }
+        // Every value comes back bit for bit through the cast readers use.
+        let values: Vec<Option<f64>> = (-5000..5000)
+            .map(|i| (i % 17 != 0).then(|| f64::from(i) / 100.0))
+            .collect();
+        let (stored, names) = encode_floats(&floats(&values)).expect("encode");
+        assert_eq!(names, vec!["v".to_string()]);
+        let back = cast(stored.column(0), &DataType::Float64).expect("cast");
+        let back = back.as_primitive::<Float64Type>();
+        for (i, want) in values.iter().enumerate() {
+            match want {
+                Some(v) => assert_eq!(back.value(i).to_bits(), v.to_bits(), "{v}"),
+                None => assert!(back.is_null(i)),
+            }
+        }
+    }
+
+    #[test]
+    fn decimal_stored_floats_are_f64_columns_of_the_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut catalog = Catalog::default();
+        catalog
+            .add_column(
+                "m",
+                "v",
+                crate::model::ColumnKind::Field(crate::model::FieldType::F64),
+            )
+            .expect("v");
+        let schema = catalog.table("m").expect("m");
+        let time = TimestampNanosecondArray::from(vec![1_000, 2_000]).with_timezone("UTC");
+        let chunk = RecordBatch::try_new(
+            schema.arrow_schema(),
+            vec![
+                Arc::new(time) as ArrayRef,
+                Arc::new(Float64Array::from(vec![1.25, 2.5])) as ArrayRef,
+            ],
+        )
+        .expect("chunk");
+        let files = write_table(dir.path(), "s0", "m", schema, &[chunk], 1, 1024).expect("write");
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(File::open(&files[0].path).expect("open"))
+                .expect("reader");
+        assert_eq!(
+            builder.schema().field(1).data_type(),
+            &DataType::Decimal128(18, 2)
+        );
+        let (_, table_schema) = read_file_meta(&files[0].path, "m").expect("meta");
+        assert_eq!(
+            table_schema.get("v"),
+            Some(crate::model::ColumnKind::Field(
+                crate::model::FieldType::F64
+            ))
         );
     }
 }

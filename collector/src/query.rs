@@ -116,9 +116,19 @@ impl QueryEngine {
             .with_memory_limit(limits.memory_bytes, 1.0)
             .build_arc()
             .map_err(QueryError::from)?;
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("datafusion", "public");
+        // Pruning, from coarse to fine: files by their time range (`TimeRange`, before DataFusion sees them), then
+        // by footer statistics, row groups by statistics and by the tag columns' bloom filters, pages by the page
+        // index, and finally rows while decoding (pushed-down filters, cheapest first), so columns a query only
+        // projects are decoded for matching rows alone.
+        let parquet = &mut config.options_mut().execution.parquet;
+        parquet.pruning = true;
+        parquet.bloom_filter_on_read = true;
+        parquet.enable_page_index = true;
+        parquet.pushdown_filters = true;
+        parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let catalog = ctx
             .catalog("datafusion")
@@ -410,5 +420,296 @@ mod tests {
         assert!(r.overlaps(20, 30) && r.overlaps(0, 10) && r.overlaps(12, 13));
         assert!(!r.overlaps(21, 30) && !r.overlaps(0, 9));
         assert!(TimeRange::default().overlaps(i64::MIN, i64::MAX));
+    }
+
+    use crate::config::{CollectorConfig, WalSync};
+    use crate::store::WriteOutcome;
+    use arrow::array::{AsArray, StringArray};
+    use arrow::datatypes::{DataType, Float64Type};
+    use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
+
+    const HOUR: i64 = 3_600_000_000_000;
+    const MINUTE: i64 = 60_000_000_000;
+    /// An hour boundary (2023-11-14T22:00:00Z).
+    const T0: i64 = 1_700_000_000 / 3600 * 3600 * 1_000_000_000;
+
+    fn limits() -> QueryLimits {
+        QueryLimits {
+            timeout: Duration::from_secs(30),
+            memory_bytes: 256 << 20,
+            max_result_rows: 100_000,
+        }
+    }
+
+    fn open_store(dir: &std::path::Path, row_group_rows: usize) -> Store {
+        Store::open(&CollectorConfig {
+            data_dir: dir.to_path_buf(),
+            wal_sync: WalSync::None,
+            parquet_row_group_rows: row_group_rows,
+            ..CollectorConfig::default()
+        })
+        .expect("open store")
+    }
+
+    async fn write(store: &Store, batch: WriteBatch) {
+        let outcome = store.write(batch).await;
+        assert!(
+            matches!(outcome, WriteOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    fn f64_point(time: i64, fields: &[(&str, f64)]) -> Point {
+        Point {
+            measurement: "cpu".into(),
+            tags: vec![],
+            fields: fields
+                .iter()
+                .map(|(k, v)| Field {
+                    key: (*k).into(),
+                    value: Some(Value::F64(*v)),
+                })
+                .collect(),
+            time_unix_nano: time,
+        }
+    }
+
+    /// Every line of the plan column of an `EXPLAIN [ANALYZE]` result.
+    fn plan_text(result: &QueryResult) -> String {
+        let mut text = String::new();
+        for batch in &result.batches {
+            let column = batch.column(batch.num_columns() - 1);
+            let plans = column
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("plan column is Utf8");
+            for plan in plans.iter().flatten() {
+                text.push_str(plan);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    /// `(total, matched)` of a pruning metric in an `EXPLAIN ANALYZE` plan: `name=T total → M matched`.
+    fn pruning(plan: &str, name: &str) -> (usize, usize) {
+        let start = plan
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("no {name} in\n{plan}"))
+            + name.len()
+            + 1;
+        let words: Vec<&str> = plan[start..].split_whitespace().take(4).collect();
+        let number = |w: &str| {
+            w.trim_end_matches(',')
+                .parse::<usize>()
+                .unwrap_or_else(|_| panic!("{name}: {words:?}"))
+        };
+        assert_eq!((words[1], words[2]), ("total", "→"), "{name}: {words:?}");
+        (number(words[0]), number(words[3]))
+    }
+
+    /// 3 hours x 20 agents x one row every 5 s, 1024-row row groups (15 per hourly file). Agent `aNN` runs on host
+    /// `h{7*NN mod 20}`, so a row group (rows sorted by agent_id, hostname, time) holds host names far apart: their
+    /// min/max cannot exclude a host that only the bloom filter knows is absent.
+    #[tokio::test]
+    async fn time_range_and_tag_equality_prune_files_row_groups_with_stats_and_bloom_filters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path(), 1024);
+        for agent in 0..20u64 {
+            let mut points = Vec::new();
+            for hour in 0..3 {
+                for step in 0..720 {
+                    let t = T0 + hour * HOUR + step * MINUTE / 12;
+                    points.push(f64_point(t, &[("usage_user", step as f64 + 0.25)]));
+                }
+            }
+            write(
+                &store,
+                WriteBatch {
+                    agent_id: format!("a{agent:02}"),
+                    seq: 1,
+                    common_tags: vec![
+                        Tag {
+                            key: "agent_id".into(),
+                            value: format!("a{agent:02}"),
+                        },
+                        Tag {
+                            key: "hostname".into(),
+                            value: format!("h{:02}", agent * 7 % 20),
+                        },
+                    ],
+                    points,
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+        assert_eq!(store.flush().await.expect("flush"), 3, "one file per hour");
+        let engine = QueryEngine::new(store, limits()).expect("engine");
+
+        // h03 is agent a09: rows 6480..7199 of each hour's file, in row groups 6 and 7 of 15. By min/max, row groups
+        // 0, 2, 4, 6 and 7 may hold h03; the bloom filters rule out 0, 2 and 4.
+        let from = T0 + HOUR;
+        let to = T0 + 2 * HOUR;
+        let filter = format!(
+            "hostname = 'h03' AND time >= to_timestamp_nanos({from}) AND time < to_timestamp_nanos({to})"
+        );
+        let result = engine
+            .sql(&format!(
+                "SELECT count(*) AS n, sum(usage_user) AS s FROM cpu WHERE {filter}"
+            ))
+            .await
+            .expect("query");
+        let batch = &result.batches[0];
+        assert_eq!(
+            batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0),
+            720
+        );
+        // 0.25 + 1.25 + ... + 719.25, exact in binary: the decimal-stored floats read back exactly.
+        assert_eq!(
+            batch.column(1).as_primitive::<Float64Type>().value(0),
+            259_020.0
+        );
+
+        let plan = plan_text(
+            &engine
+                .sql(&format!(
+                    "EXPLAIN ANALYZE SELECT count(*) FROM cpu WHERE {filter}"
+                ))
+                .await
+                .expect("explain analyze"),
+        );
+        // Partitions: only the hour=23 file is handed to the scan (the time range skips the other two unopened).
+        assert_eq!(plan.matches(".parquet").count(), 1, "{plan}");
+        assert!(plan.contains("/date=2023-11-14/hour=23/"), "{plan}");
+        // Row groups: min/max statistics of hostname rule 10 out, the bloom filters 3 of the other 5.
+        assert_eq!(
+            pruning(&plan, "row_groups_pruned_statistics"),
+            (15, 5),
+            "{plan}"
+        );
+        assert_eq!(
+            pruning(&plan, "row_groups_pruned_bloom_filter"),
+            (5, 2),
+            "{plan}"
+        );
+
+        // A host that does not exist: the footers' statistics rule out every file; not one data page is read.
+        let plan = plan_text(
+            &engine
+                .sql("EXPLAIN ANALYZE SELECT count(*) FROM cpu WHERE hostname = 'h99'")
+                .await
+                .expect("explain analyze"),
+        );
+        assert_eq!(plan.matches(".parquet").count(), 3, "{plan}");
+        assert_eq!(
+            pruning(&plan, "files_ranges_pruned_statistics"),
+            (3, 0),
+            "{plan}"
+        );
+        assert!(plan.contains("bytes_scanned=0,"), "{plan}");
+
+        // A time range alone: one of three files, all of its row groups.
+        let plan = plan_text(
+            &engine
+                .sql(&format!(
+                    "EXPLAIN ANALYZE SELECT count(*) FROM cpu WHERE time >= to_timestamp_nanos({to})"
+                ))
+                .await
+                .expect("explain analyze"),
+        );
+        assert_eq!(plan.matches(".parquet").count(), 1, "{plan}");
+        assert!(plan.contains("/hour=00/"), "{plan}");
+    }
+
+    /// Floats stored as decimals, and floats that are not decimals, read back bit for bit through SQL.
+    #[tokio::test]
+    async fn decimal_stored_floats_read_back_bit_exact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path(), 1024);
+        let values: Vec<(f64, f64, f64)> = (0..500)
+            .map(|i| {
+                let i = f64::from(i);
+                // Two decimals; integers as floats; a ratio that is no short decimal.
+                (i * 0.37 - 50.0, (i * 1.01).round() * 1e6, i / 7.0)
+            })
+            .map(|(a, b, c)| (((a * 100.0).round()) / 100.0, b, c))
+            .collect();
+        let points = values
+            .iter()
+            .enumerate()
+            .map(|(i, (a, b, c))| {
+                f64_point(
+                    T0 + i as i64 * MINUTE / 10,
+                    &[("two_decimals", *a), ("integers", *b), ("ratio", *c)],
+                )
+            })
+            .collect();
+        write(
+            &store,
+            WriteBatch {
+                agent_id: "a".into(),
+                seq: 1,
+                points,
+                ..Default::default()
+            },
+        )
+        .await;
+        store.flush().await.expect("flush");
+        let file = &store.snapshot("cpu").expect("cpu").files[0];
+        let reader = parquet::file::reader::SerializedFileReader::new(
+            std::fs::File::open(&file.path).expect("open"),
+        )
+        .expect("reader");
+        use parquet::file::reader::FileReader;
+        let kv = reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .expect("kv")
+            .iter()
+            .find(|kv| kv.key == crate::persist::META_DECIMAL_FLOATS)
+            .and_then(|kv| kv.value.clone());
+        assert_eq!(kv.as_deref(), Some(r#"["integers","two_decimals"]"#));
+
+        let engine = QueryEngine::new(store, limits()).expect("engine");
+        let result = engine
+            .sql("SELECT two_decimals, integers, ratio FROM cpu ORDER BY time")
+            .await
+            .expect("query");
+        assert_eq!(result.schema.field(0).data_type(), &DataType::Float64);
+        let mut i = 0;
+        for batch in &result.batches {
+            let cols: Vec<_> = (0..3)
+                .map(|c| batch.column(c).as_primitive::<Float64Type>())
+                .collect();
+            for row in 0..batch.num_rows() {
+                let (a, b, c) = values[i];
+                for (col, want) in cols.iter().zip([a, b, c]) {
+                    assert_eq!(col.value(row).to_bits(), want.to_bits(), "row {i}");
+                }
+                i += 1;
+            }
+        }
+        assert_eq!(i, values.len());
+        // Filters on a decimal-stored column compare as floats.
+        let result = engine
+            .sql("SELECT count(*) FROM cpu WHERE two_decimals > 100.5 AND two_decimals <= 120.01")
+            .await
+            .expect("query");
+        let want = values
+            .iter()
+            .filter(|(a, _, _)| *a > 100.5 && *a <= 120.01)
+            .count();
+        assert_eq!(
+            result.batches[0]
+                .column(0)
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .value(0) as usize,
+            want
+        );
     }
 }
