@@ -267,7 +267,10 @@ for path in sys.argv[1:]:
         # Sorted by series (tags in name order; one agent here, so `cpu` decides) then time.
         keys = list(zip(table.column('cpu').to_pylist(), t))
         entry['sorted'] = entry.get('sorted', True) and keys == sorted(keys)
-        rows = zip(table.column('cpu').to_pylist(), t, table.column('usage_idle').to_pylist())
+        # A float column whose values are all short decimals is stored as DECIMAL (docs/STORAGE.md): pyarrow gives
+        # exact decimal.Decimal values, and float() of one is the stored f64, bit for bit.
+        idle = [None if v is None else float(v) for v in table.column('usage_idle').to_pylist()]
+        rows = zip(table.column('cpu').to_pylist(), t, idle)
         entry.setdefault('cpu_rows', []).extend([list(r) for r in rows])
 print(json.dumps(out))
 "#;
