@@ -37,8 +37,16 @@ pub struct CollectorConfig {
     pub flush_interval_secs: u64,
     /// Flush early once the buffer holds this many bytes (estimated). Default 64 MiB.
     pub flush_buffer_bytes: usize,
-    /// Refuse new writes ("retry later") while buffered bytes exceed this. Default 512 MiB.
+    /// Hard limit of the write buffer (bytes of Arrow data, including rows frozen for a flush that is still being
+    /// written). At this level a write waits up to `backpressure_wait_ms` for a flush to free space, then is
+    /// answered "retry later" (push: ack RETRY with `retry_after_ms`; unary `Write`: gRPC `UNAVAILABLE`). Writes
+    /// in progress (received, not yet in the buffer) are held to a quarter of this; beyond that they are answered
+    /// "retry later" at once. Default 512 MiB.
     pub max_buffer_bytes: usize,
+    /// How long a write may wait for buffer space at the hard limit before it is answered "retry later"
+    /// (milliseconds; 0 answers at once). Keep it well below the clients' ack timeout (the agent's is 30 s).
+    /// Default 2000, at most 60,000.
+    pub backpressure_wait_ms: u64,
     /// Largest gRPC message accepted (bytes, after decompression). Default 16 MiB.
     pub max_grpc_message_bytes: usize,
     /// Most points in one batch. Default 100,000.
@@ -76,6 +84,7 @@ impl Default for CollectorConfig {
             flush_interval_secs: 60,
             flush_buffer_bytes: 64 << 20,
             max_buffer_bytes: 512 << 20,
+            backpressure_wait_ms: 2_000,
             max_grpc_message_bytes: 16 << 20,
             max_batch_points: 100_000,
             max_sql_bytes: 1 << 20,
@@ -114,6 +123,12 @@ impl CollectorConfig {
             return bad(format!(
                 "flush_buffer_bytes ({}) must be between 1 and max_buffer_bytes ({})",
                 self.flush_buffer_bytes, self.max_buffer_bytes
+            ));
+        }
+        if self.backpressure_wait_ms > 60_000 {
+            return bad(format!(
+                "backpressure_wait_ms ({}) must be at most 60000",
+                self.backpressure_wait_ms
             ));
         }
         if self.max_grpc_message_bytes < 1024 {
@@ -162,6 +177,10 @@ impl CollectorConfig {
 
     pub fn flush_interval(&self) -> Duration {
         Duration::from_secs(self.flush_interval_secs)
+    }
+
+    pub fn backpressure_wait(&self) -> Duration {
+        Duration::from_millis(self.backpressure_wait_ms)
     }
 
     pub fn query_limits(&self) -> crate::query::QueryLimits {
