@@ -71,6 +71,32 @@ pub struct CollectorConfig {
     /// How often agents are asked to send heartbeats (seconds). An agent is `healthy` while heard from within 3
     /// intervals, `stale` within 10, `down` after that. Default 10, 1 to 86,400.
     pub heartbeat_interval_secs: u64,
+
+    // Maintenance: compaction, rollups, retention (docs/STORAGE.md, "Maintenance").
+    /// Seconds between two maintenance passes (compaction, then rollups, then retention). Default 300, 1 to
+    /// 86,400. `POST /api/v1/admin/maintenance` runs a pass at once.
+    pub maintenance_interval_secs: u64,
+    /// Compact an hour partition once it holds this many files, even while its hour is still open. Default 16,
+    /// 2 to 10,000.
+    pub compaction_min_files: usize,
+    /// An hour counts as closed this many seconds after it ends; a closed hour with two or more files is
+    /// compacted. Default 600, at most 604,800.
+    pub compaction_closed_after_secs: u64,
+    /// Most files merged by one compaction (its fan-in, which bounds its memory); a partition with more takes
+    /// several rounds. Default 32, 2 to 1,000.
+    pub compaction_max_files: usize,
+    /// Build the 1-minute and 1-hour rollup tables (`rollup_1m.<table>`, `rollup_1h.<table>`). Default true.
+    pub rollups: bool,
+    /// How long raw measurements are kept: `"<n>s|m|h|d|w"` (at least 1h) or `"forever"`. Whole hour
+    /// partitions older than this are dropped. Default `"30d"`.
+    pub retention_default: crate::retention::RetentionPeriod,
+    /// Same for the 1-minute rollup tables. Default `"90d"`.
+    pub retention_rollup_1m_default: crate::retention::RetentionPeriod,
+    /// Same for the 1-hour rollup tables. Default `"730d"`.
+    pub retention_rollup_1h_default: crate::retention::RetentionPeriod,
+    /// Per-table retention, overriding the defaults: `[retention]` with `cpu = "7d"`, `"rollup_1h.cpu" =
+    /// "forever"`. Default: none.
+    pub retention: std::collections::BTreeMap<String, crate::retention::RetentionPeriod>,
 }
 
 impl Default for CollectorConfig {
@@ -96,6 +122,15 @@ impl Default for CollectorConfig {
             pull_interval_secs: 10,
             pull_timeout_secs: 5,
             heartbeat_interval_secs: 10,
+            maintenance_interval_secs: 300,
+            compaction_min_files: 16,
+            compaction_closed_after_secs: 600,
+            compaction_max_files: 32,
+            rollups: true,
+            retention_default: crate::retention::RetentionPeriod::days(30),
+            retention_rollup_1m_default: crate::retention::RetentionPeriod::days(90),
+            retention_rollup_1h_default: crate::retention::RetentionPeriod::days(730),
+            retention: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -172,6 +207,27 @@ impl CollectorConfig {
                 self.heartbeat_interval_secs
             ));
         }
+        if !(1..=86_400).contains(&self.maintenance_interval_secs) {
+            return bad(format!(
+                "maintenance_interval_secs ({}) must be between 1 and 86400",
+                self.maintenance_interval_secs
+            ));
+        }
+        if !(2..=10_000).contains(&self.compaction_min_files)
+            || !(2..=1_000).contains(&self.compaction_max_files)
+        {
+            return bad(format!(
+                "compaction_min_files ({}) must be between 2 and 10000 and compaction_max_files ({}) between 2 and 1000",
+                self.compaction_min_files, self.compaction_max_files
+            ));
+        }
+        if self.compaction_closed_after_secs > 604_800 {
+            return bad(format!(
+                "compaction_closed_after_secs ({}) must be at most 604800 (a week)",
+                self.compaction_closed_after_secs
+            ));
+        }
+        crate::retention::validate_keys(self)?;
         Ok(())
     }
 

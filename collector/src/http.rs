@@ -7,6 +7,9 @@
 //! * `GET /api/v1/pull/targets` — the pull scheduler's targets: a JSON array sorted by `url` (see
 //!   [`crate::pull::TargetHealth`]: `status` `unknown|up|down`, `last_success_unix_ms`, `last_error`,
 //!   `consecutive_failures`, batches and points pulled, `ack_through_seq`); `[]` when nothing is pulled.
+//! * `POST /api/v1/admin/flush` — writes the buffer to Parquet now: `{"files": n}`.
+//! * `POST /api/v1/admin/maintenance` — runs a maintenance pass (compaction, rollups, retention) now and returns
+//!   its report ([`crate::maintenance::PassReport`]).
 //! * `POST /api/v1/sql` — the body is one SQL statement (UTF-8 text). `?format=json` (default: an array of row
 //!   objects, nulls explicit), `csv` (with a header row) or `arrow` (an Arrow IPC stream, for clients that want
 //!   types). Errors are JSON `{"error": "..."}`; the status codes are listed on [`status_of`] (plus `400` for bad
@@ -37,6 +40,8 @@ pub struct ApiState {
     pub registry: AgentRegistry,
     /// Health of the pull targets (an empty handle when the collector pulls nothing).
     pub pull: crate::pull::PullHandle,
+    /// The maintenance task (compaction, rollups, retention), for the admin endpoints.
+    pub maintenance: crate::maintenance::Maintenance,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
@@ -46,6 +51,8 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .route("/api/v1/sql", post(sql))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/pull/targets", get(pull_targets))
+        .route("/api/v1/admin/flush", post(admin_flush))
+        .route("/api/v1/admin/maintenance", post(admin_maintenance))
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -137,6 +144,21 @@ async fn not_found() -> ApiError {
         status: StatusCode::NOT_FOUND,
         message: "no such endpoint; try GET /health, GET /api/v1/agents or POST /api/v1/sql".into(),
     }
+}
+
+/// `POST /api/v1/admin/flush`: writes the buffer to Parquet now; `{"files": n}`.
+async fn admin_flush(State(api): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let files = api.store.flush().await.map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("flush failed: {e}"),
+    })?;
+    Ok(axum::Json(serde_json::json!({ "files": files })).into_response())
+}
+
+/// `POST /api/v1/admin/maintenance`: runs a maintenance pass (compaction, rollups, retention) now and returns
+/// its report (`errors` lists the steps that failed; the pass goes on past them).
+async fn admin_maintenance(State(api): State<Arc<ApiState>>) -> Response {
+    axum::Json(api.maintenance.run_pass().await).into_response()
 }
 
 async fn pull_targets(State(api): State<Arc<ApiState>>) -> Response {

@@ -3,21 +3,27 @@
 //! Where it sits in the data path: agents push batches over gRPC ([`grpc`]); the [`store`] validates them, makes
 //! them durable in the write-ahead log ([`wal`]), keeps them in an Arrow [`buffer`] that queries see at once, and
 //! flushes them to Parquet files ([`persist`]) partitioned by table and hour. [`query`] answers SQL with DataFusion
-//! over files and buffer together, served over HTTP ([`http`]). [`server::Collector`] runs all of it.
+//! over files and buffer together, served over HTTP ([`http`]). [`maintenance`] compacts partitions ([`compaction`]),
+//! builds 1-minute and 1-hour [`rollup`]s and applies [`retention`] in the background. [`server::Collector`] runs
+//! all of it.
 
 pub mod agents;
 pub mod buffer;
 pub mod catalog;
+pub mod compaction;
 pub mod config;
 pub mod dedup;
 pub mod error;
 pub mod fsutil;
 pub mod grpc;
 pub mod http;
+pub mod maintenance;
 pub mod model;
 pub mod persist;
 pub mod pull;
 pub mod query;
+pub mod retention;
+pub mod rollup;
 pub mod server;
 pub mod store;
 pub mod wal;

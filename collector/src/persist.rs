@@ -35,9 +35,9 @@ use crate::fsutil::{sync_dir, temp_path};
 use crate::model::{TIME_COLUMN, tag_data_type};
 
 const NANOS_PER_HOUR: i64 = 3_600_000_000_000;
-const META_WAL_SEQ: &str = "damselfly.wal_seq";
-const META_MIN_TIME: &str = "damselfly.min_time";
-const META_MAX_TIME: &str = "damselfly.max_time";
+pub const META_WAL_SEQ: &str = "damselfly.wal_seq";
+pub const META_MIN_TIME: &str = "damselfly.min_time";
+pub const META_MAX_TIME: &str = "damselfly.max_time";
 /// File key-value metadata: a JSON array naming the f64 columns this file stores as `DECIMAL(18, s)`.
 pub const META_DECIMAL_FLOATS: &str = "damselfly.decimal_floats";
 
@@ -114,6 +114,21 @@ impl FileIndex {
             .max()
             .unwrap_or(0)
     }
+
+    /// Removes these files of `table` (maintenance: compaction inputs, expired partitions); returns how many
+    /// were indexed. Callers swap files under the state lock, so a query sees the old set or the new one.
+    pub fn remove_paths(&mut self, table: &str, paths: &[PathBuf]) -> usize {
+        let Some(files) = self.tables.get_mut(table) else {
+            return 0;
+        };
+        let before = files.len();
+        files.retain(|f| !paths.contains(&f.path));
+        let removed = before - files.len();
+        if files.is_empty() {
+            self.tables.remove(table);
+        }
+        removed
+    }
 }
 
 /// The partition hour of a timestamp.
@@ -121,7 +136,8 @@ pub fn hour_of(time_nanos: i64) -> i64 {
     time_nanos.div_euclid(NANOS_PER_HOUR)
 }
 
-fn partition_dir(tables_dir: &Path, table: &str, hour: i64) -> PathBuf {
+/// `<tables_dir>/<table>/date=YYYY-MM-DD/hour=HH` (also used for the rollup tables' directories).
+pub fn partition_dir(tables_dir: &Path, table: &str, hour: i64) -> PathBuf {
     let secs = hour * 3600;
     let (date, hh) = match DateTime::from_timestamp(secs, 0) {
         Some(dt) => (dt.format("%Y-%m-%d").to_string(), dt.hour()),

@@ -3,7 +3,8 @@
 //! Every measurement is a table in `datafusion.public` (so `SELECT * FROM cpu` works unqualified). A table is the
 //! union of its Parquet files (a `ListingTable`, so DataFusion prunes row groups with the page statistics) and its
 //! buffered rows (a `MemTable`), taken as one consistent snapshot when the query is planned: rows are visible as
-//! soon as they are acknowledged. `information_schema` is on, so `SHOW TABLES` and `SHOW COLUMNS` work.
+//! soon as they are acknowledged. `information_schema` is on, so `SHOW TABLES` and `SHOW COLUMNS` work. Rollup
+//! tables (see [`crate::rollup`]) are in the schemas `rollup_1m` and `rollup_1h`: `SELECT * FROM rollup_1m.cpu`.
 //!
 //! Queries are read-only: DDL, DML and statements such as `COPY` or `CREATE EXTERNAL TABLE` (which would read or
 //! write arbitrary local files) are refused. Each query runs under a memory limit and a timeout.
@@ -32,6 +33,7 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
 use crate::model::TIME_COLUMN;
 use crate::persist::{ParquetFile, conform};
+use crate::rollup::{self, Resolution};
 use crate::store::{Store, TableSnapshot};
 
 /// Why a query failed, classified so the HTTP layer can pick a status code.
@@ -133,6 +135,18 @@ impl QueryEngine {
         let catalog = ctx
             .catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("the default catalog is missing".into()))?;
+        // Rollup tables get their own schemas (`rollup_1m.cpu`), so they can never collide with a measurement.
+        for resolution in Resolution::ALL {
+            catalog
+                .register_schema(
+                    resolution.schema_name(),
+                    Arc::new(RollupSchema {
+                        store: store.clone(),
+                        resolution,
+                    }),
+                )
+                .map_err(QueryError::from)?;
+        }
         catalog
             .register_schema("public", Arc::new(StoreSchema { store }))
             .map_err(QueryError::from)?;
@@ -182,6 +196,29 @@ impl SchemaProvider for StoreSchema {
 
     fn table_exist(&self, name: &str) -> bool {
         self.store.snapshot(name).is_some()
+    }
+}
+
+/// `datafusion.rollup_1m` / `datafusion.rollup_1h`: the rollup tables of one resolution (files only).
+#[derive(Debug)]
+struct RollupSchema {
+    store: Store,
+    resolution: Resolution,
+}
+
+#[async_trait]
+impl SchemaProvider for RollupSchema {
+    fn table_names(&self) -> Vec<String> {
+        rollup::table_names(&self.store, self.resolution)
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        Ok(rollup::snapshot(&self.store, self.resolution, name)
+            .map(|snapshot| Arc::new(SnapshotTable::new(snapshot)) as Arc<dyn TableProvider>))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        rollup::snapshot(&self.store, self.resolution, name).is_some()
     }
 }
 

@@ -17,7 +17,9 @@ use crate::agents::{AgentRegistry, AgentsService};
 use crate::config::CollectorConfig;
 use crate::error::{CollectorError, Result};
 use crate::grpc::IngestService;
+use crate::compaction::{FailAction, Failpoint};
 use crate::http::{ApiState, router};
+use crate::maintenance::Maintenance;
 use crate::pull::{PullScheduler, PullTarget};
 use crate::query::QueryEngine;
 use crate::store::Store;
@@ -151,12 +153,22 @@ impl Collector {
             async move { puller.run(stopped(rx)).await }
         });
 
+        // Compaction, rollups and retention; `DAMSELFLY_FAILPOINT` lets the black-box tests kill a compaction.
+        let maintenance = Maintenance::new(self.store.clone())
+            .with_failpoint(Failpoint::from_env(), FailAction::Abort);
+        let maintainer = tokio::spawn({
+            let rx = stop_rx.clone();
+            let maintenance = maintenance.clone();
+            async move { maintenance.run(stopped(rx)).await }
+        });
+
         let api = router(
             ApiState {
                 store: self.store.clone(),
                 engine: self.engine.clone(),
                 registry: self.registry.clone(),
                 pull: pull_handle,
+                maintenance: maintenance.clone(),
             },
             config.max_sql_bytes,
         );
@@ -202,6 +214,11 @@ impl Collector {
         if let Err(e) = flusher.await {
             tracing::error!(error = %e, "the flusher task failed; the WAL keeps the rows for the next start");
         }
+        if let Err(e) = maintainer.await {
+            tracing::error!(error = %e, "the maintenance task failed");
+        }
+        // No query runs any more: files replaced or expired by maintenance can go now.
+        maintenance.purge_all();
         if let Err(e) = persister.await {
             tracing::error!(error = %e, "the agent registry persister failed");
         }

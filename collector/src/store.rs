@@ -60,6 +60,8 @@ pub struct State {
     pub active: Buffer,
     pub frozen: Vec<Arc<Frozen>>,
     pub files: FileIndex,
+    /// Rollup tables' files and schemas (maintenance builds them; `rollup_1m`/`rollup_1h` query them).
+    pub rollups: crate::rollup::Rollups,
 }
 
 impl State {
@@ -138,6 +140,9 @@ impl Store {
         config.validate()?;
         let started = Instant::now();
         let mut state = State::default();
+        // A compaction killed after its rename left inputs that its output replaces: delete them before indexing.
+        crate::compaction::recover(&config.tables_dir())?;
+        state.rollups = crate::rollup::scan(&crate::rollup::rollups_dir(&config.data_dir))?;
         for (file, schema) in persist::scan_store(&config.tables_dir())? {
             if let Err(conflict) = state.catalog.merge_table(&file.table, &schema) {
                 return Err(CollectorError::Parquet {
@@ -214,6 +219,12 @@ impl Store {
 
     pub fn config(&self) -> &CollectorConfig {
         &self.inner.config
+    }
+
+    /// Runs `f` under the state lock (maintenance swaps files and reads the index with it). Keep `f` short:
+    /// writers and queries wait for it.
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut lock(&self.inner.state))
     }
 
     /// Whether the WAL writer thread is running. It only stops at shutdown or after a bug (a panic); then no write
