@@ -14,10 +14,10 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agents::{AgentRegistry, AgentsService};
+use crate::compaction::{FailAction, Failpoint};
 use crate::config::CollectorConfig;
 use crate::error::{CollectorError, Result};
 use crate::grpc::IngestService;
-use crate::compaction::{FailAction, Failpoint};
 use crate::http::{ApiState, router};
 use crate::maintenance::Maintenance;
 use crate::pull::{PullScheduler, PullTarget};
