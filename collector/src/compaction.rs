@@ -749,3 +749,118 @@ fn out_of_order(path: &Path) -> CollectorError {
         message: "rows are not sorted by series then time; cannot merge this file".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, StringDictionaryBuilder, TimestampNanosecondArray};
+    use arrow::datatypes::Int32Type;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new(TIME_COLUMN, crate::model::time_data_type(), false),
+            Field::new("host", tag_data_type(), true),
+            Field::new("v", DataType::Float64, true),
+        ]))
+    }
+
+    /// Writes rows (host, time, v) as they are given (the caller decides whether they are sorted).
+    fn write(dir: &Path, name: &str, rows: &[(&str, i64, f64)]) -> PathBuf {
+        let mut hosts = StringDictionaryBuilder::<Int32Type>::new();
+        for (h, _, _) in rows {
+            hosts.append_value(h);
+        }
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(
+                    TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(hosts.finish()),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ],
+        )
+        .expect("batch");
+        let path = dir.join(name);
+        let mut writer = ArrowWriter::try_new(File::create(&path).expect("create"), schema(), None)
+            .expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        path
+    }
+
+    fn merged(
+        inputs: &[PathBuf],
+        read_rows: usize,
+        output_rows: usize,
+    ) -> Result<Vec<(String, i64, f64)>> {
+        let mut merge = SortedMerge::open(inputs, schema(), read_rows, output_rows)?;
+        let mut out = Vec::new();
+        while let Some(batch) = merge.next_batch()? {
+            assert!(batch.num_rows() <= output_rows);
+            let times = batch
+                .column(0)
+                .as_primitive::<arrow::datatypes::TimestampNanosecondType>();
+            let hosts = batch.column(1).as_dictionary::<Int32Type>();
+            let names = hosts.values().as_string::<i32>();
+            let v = batch.column(2).as_primitive::<Float64Type>();
+            for i in 0..batch.num_rows() {
+                let host = names.value(hosts.keys().value(i) as usize).to_string();
+                out.push((host, times.value(i), v.value(i)));
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn merge_interleaves_runs_keeps_input_order_on_ties_and_refuses_unsorted_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = write(
+            dir.path(),
+            "a.parquet",
+            &[("a", 1, 1.0), ("a", 4, 1.0), ("b", 2, 1.0), ("c", 9, 1.0)],
+        );
+        let b = write(
+            dir.path(),
+            "b.parquet",
+            &[("a", 2, 2.0), ("a", 4, 2.0), ("b", 1, 2.0)],
+        );
+        let c = write(dir.path(), "c.parquet", &[("a", 3, 3.0), ("c", 0, 3.0)]);
+        let inputs = [a, b, c];
+        let expected = vec![
+            ("a".to_string(), 1, 1.0),
+            ("a".to_string(), 2, 2.0),
+            ("a".to_string(), 3, 3.0),
+            // Equal keys: the earlier input first.
+            ("a".to_string(), 4, 1.0),
+            ("a".to_string(), 4, 2.0),
+            ("b".to_string(), 1, 2.0),
+            ("b".to_string(), 2, 1.0),
+            ("c".to_string(), 0, 3.0),
+            ("c".to_string(), 9, 1.0),
+        ];
+        // Small reads and outputs exercise batch boundaries; the answer never changes.
+        for (read_rows, output_rows) in [(1, 1), (1, 4), (2, 3), (1_000, 1_000)] {
+            assert_eq!(
+                merged(&inputs, read_rows, output_rows).expect("merge"),
+                expected,
+                "read {read_rows}, output {output_rows}"
+            );
+        }
+        let unsorted = write(dir.path(), "u.parquet", &[("a", 5, 0.0), ("a", 3, 0.0)]);
+        for read_rows in [1, 10] {
+            let err = merged(&[unsorted.clone()], read_rows, 10).expect_err("unsorted input");
+            assert!(err.to_string().contains("not sorted"), "{err}");
+        }
+    }
+
+    #[test]
+    fn compacted_names_are_recognised() {
+        assert!(is_compacted_name("s0-00000000000000000042-c.parquet"));
+        assert!(is_compacted_name("s0-00000000000000000042-c2.parquet"));
+        assert!(!is_compacted_name("s0-00000000000000000042.parquet"));
+        assert!(!is_compacted_name("s0-00000000000000000042-c.parquet.tmp"));
+        assert!(!is_compacted_name("s0-abc-cx.parquet"));
+    }
+}
