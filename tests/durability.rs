@@ -691,3 +691,433 @@ fn sigkill_under_load_loses_nothing_acknowledged_and_stores_it_exactly_once() {
         (expected.len() as u64, expected.len() as u64)
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backpressure: a flood beyond the hard limit
+
+const FLOOD_TABLE: &str = "flood";
+const FLOOD_POINTS: u64 = 2_000;
+/// The collector's hard limit in the flood test.
+const FLOOD_MAX_BUFFER: u64 = 32 << 20;
+
+fn flood_id(flooder: u64, seq: u64, index: u64) -> u64 {
+    flooder * 1_000_000_000 + seq * 10_000 + index
+}
+
+/// A fat batch: a high-cardinality tag (dictionary growth) and a ~100-byte string per row.
+#[allow(clippy::needless_update)]
+fn flood_batch(flooder: u64, seq: u64) -> WriteBatch {
+    let points = (0..FLOOD_POINTS)
+        .map(|i| {
+            let id = flood_id(flooder, seq, i);
+            Point {
+                measurement: FLOOD_TABLE.into(),
+                tags: vec![Tag {
+                    key: "series".into(),
+                    value: format!("series-{}", (seq * FLOOD_POINTS + i) % 50_000),
+                }],
+                fields: vec![
+                    Field {
+                        key: "id".into(),
+                        value: Some(Value::U64(id)),
+                    },
+                    Field {
+                        key: "value".into(),
+                        value: Some(Value::F64(id as f64 / 3.0)),
+                    },
+                    Field {
+                        key: "payload".into(),
+                        value: Some(Value::Str(format!("{id:016x}").repeat(6))),
+                    },
+                ],
+                time_unix_nano: T0 + seq as i64 * 1_000_000 + i as i64,
+            }
+        })
+        .collect();
+    WriteBatch {
+        agent_id: format!("flooder-{flooder}"),
+        seq,
+        common_tags: vec![Tag {
+            key: "flooder".into(),
+            value: format!("f{flooder}"),
+        }],
+        points,
+        ..WriteBatch::default()
+    }
+}
+
+/// What one flooder got through.
+#[derive(Debug, Default)]
+struct Flooded {
+    flooder: u64,
+    acked_batches: u64,
+    acked_points: u64,
+    id_sum: u128,
+    retries: u64,
+    /// A unary RETRY came as UNAVAILABLE with a google.rpc.RetryInfo and the retry metadata.
+    retry_info_seen: bool,
+}
+
+impl Flooded {
+    fn acked(&mut self, seq: u64) {
+        self.acked_batches += 1;
+        self.acked_points += FLOOD_POINTS;
+        self.id_sum += (0..FLOOD_POINTS)
+            .map(|i| u128::from(flood_id(self.flooder, seq, i)))
+            .sum::<u128>();
+    }
+}
+
+/// `google.rpc.Status` and `google.rpc.RetryInfo`, decoded independently of the collector's own definitions.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GoogleRpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<GoogleAny>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct GoogleAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct GoogleRetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<GoogleDuration>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct GoogleDuration {
+    #[prost(int64, tag = "1")]
+    seconds: i64,
+    #[prost(int32, tag = "2")]
+    nanos: i32,
+}
+
+/// The retry delay a unary `Write` refusal carries, checked in all three places it is given.
+fn retry_delay_of(status: &tonic::Status) -> Duration {
+    use prost::Message;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("retry later"),
+        "{}",
+        status.message()
+    );
+    let details = GoogleRpcStatus::decode(status.details()).expect("google.rpc.Status details");
+    assert_eq!(details.code, tonic::Code::Unavailable as i32);
+    let info = details
+        .details
+        .iter()
+        .find(|d| d.type_url == "type.googleapis.com/google.rpc.RetryInfo")
+        .expect("a RetryInfo detail");
+    let delay = GoogleRetryInfo::decode(info.value.as_slice())
+        .expect("RetryInfo")
+        .retry_delay
+        .expect("retry_delay");
+    let delay = Duration::new(delay.seconds as u64, delay.nanos as u32);
+    let ms = |key: &str| -> u64 {
+        status
+            .metadata()
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(ms("retry-after-ms"), delay.as_millis() as u64);
+    assert_eq!(ms("grpc-retry-pushback-ms"), delay.as_millis() as u64);
+    assert!(delay >= Duration::from_millis(100), "{delay:?}");
+    delay
+}
+
+/// A greedy pushing client: keeps 16 batches in flight on one stream and re-sends a RETRY'd batch on the same
+/// stream 20 ms later (ignoring the hint: it is the worst case, not an agent).
+async fn push_flooder(flooder: u64, url: String, flooding: Arc<AtomicBool>) -> Flooded {
+    let mut out = Flooded {
+        flooder,
+        ..Flooded::default()
+    };
+    let mut client = connect(&url).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteBatch>(64);
+    let mut in_flight: VecDeque<WriteBatch> = VecDeque::new();
+    let mut again: VecDeque<WriteBatch> = VecDeque::new();
+    let mut next_seq = 1;
+    let first = flood_batch(flooder, next_seq);
+    next_seq += 1;
+    in_flight.push_back(first.clone());
+    tx.send(first).await.unwrap();
+    let mut acks = client
+        .push(ReceiverStream::new(rx))
+        .await
+        .expect("Push")
+        .into_inner();
+    loop {
+        while in_flight.len() < 16 {
+            let batch = match again.pop_front() {
+                Some(b) => b,
+                None if flooding.load(Ordering::SeqCst) => {
+                    next_seq += 1;
+                    flood_batch(flooder, next_seq - 1)
+                }
+                None => break,
+            };
+            in_flight.push_back(batch.clone());
+            tx.send(batch).await.unwrap();
+        }
+        let Some(sent) = in_flight.pop_front() else {
+            return out;
+        };
+        let ack = tokio::time::timeout(Duration::from_secs(60), acks.message())
+            .await
+            .expect("an ack within 60 s")
+            .expect("ack stream")
+            .expect("one ack per batch");
+        assert_eq!(ack.seq, sent.seq);
+        match ack.status() {
+            AckStatus::Stored | AckStatus::Duplicate => out.acked(ack.seq),
+            AckStatus::Retry => {
+                assert!(ack.retry_after_ms >= 100, "{ack:?}");
+                assert!(ack.message.contains("retry later"), "{ack:?}");
+                out.retries += 1;
+                again.push_back(sent);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => panic!("flooder {flooder}: {ack:?}"),
+        }
+    }
+}
+
+/// A greedy unary client: 8 `Write` calls at once; a refused one is re-sent 20 ms later.
+async fn unary_flooder(flooder: u64, url: String, flooding: Arc<AtomicBool>) -> Flooded {
+    let mut out = Flooded {
+        flooder,
+        ..Flooded::default()
+    };
+    let client = connect(&url).await.expect("connect");
+    let mut calls = tokio::task::JoinSet::new();
+    let mut again: VecDeque<WriteBatch> = VecDeque::new();
+    let mut next_seq = 1;
+    loop {
+        while calls.len() < 8 {
+            let batch = match again.pop_front() {
+                Some(b) => b,
+                None if flooding.load(Ordering::SeqCst) => {
+                    next_seq += 1;
+                    flood_batch(flooder, next_seq - 1)
+                }
+                None => break,
+            };
+            let mut client = client.clone();
+            calls.spawn(async move {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(60), client.write(batch.clone()))
+                        .await
+                        .expect("an answer within 60 s");
+                (batch, answer)
+            });
+        }
+        let Some(joined) = calls.join_next().await else {
+            return out;
+        };
+        let (batch, answer) = joined.unwrap();
+        match answer {
+            Ok(ack) => {
+                let ack = ack.into_inner();
+                assert!(
+                    matches!(ack.status(), AckStatus::Stored | AckStatus::Duplicate),
+                    "{ack:?}"
+                );
+                out.acked(batch.seq);
+            }
+            Err(status) => {
+                retry_delay_of(&status);
+                out.retry_info_seen = true;
+                out.retries += 1;
+                again.push_back(batch);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The collector's resident set size, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// What the collector's resident memory must stay under in the flood (hard limit 32 MiB): about 40 MiB idle, plus
+/// the full buffer, the same rows frozen and being written (with the flush's sorted copy and Parquet pages), writes
+/// in progress (a quarter of the limit), queries, and the allocator's slack. Without the limits it grows with the
+/// data: the flood pushes several hundred MiB through.
+const FLOOD_RSS_BOUND: u64 = 320 << 20;
+
+#[test]
+fn a_flood_beyond_the_hard_limit_gets_retry_while_memory_stays_bounded_and_queries_answer() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data_dir = scratch.path().join("store");
+    // Flush only at the hard limit (32 MiB), no timed flush: while the full buffer is written as Parquet, writes
+    // wait up to 500 ms for space, then are told to retry.
+    let config = write_config(
+        &scratch.path().join("collector.toml"),
+        &format!(
+            "max_buffer_bytes = {FLOOD_MAX_BUFFER}\nflush_buffer_bytes = {FLOOD_MAX_BUFFER}\n\
+             backpressure_wait_ms = 500\nquery_memory_bytes = 67108864\n"
+        ),
+    );
+    let collector = CollectorProc::start(
+        &data_dir,
+        &[
+            "--config",
+            &config,
+            "--flush-interval",
+            "3600",
+            "--wal-sync",
+            "none",
+        ],
+    );
+    let pid = collector.proc.child.id();
+    let idle_rss = rss_bytes(pid).unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let flooding = Arc::new(AtomicBool::new(true));
+    // Three greedy push streams and three greedy unary clients.
+    let flooders: Vec<tokio::task::JoinHandle<Flooded>> = (0..6u64)
+        .map(|f| {
+            let url = collector.grpc.clone();
+            if f < 3 {
+                rt.spawn(push_flooder(f, url, flooding.clone()))
+            } else {
+                rt.spawn(unary_flooder(f, url, flooding.clone()))
+            }
+        })
+        .collect();
+
+    common::wait_until(Duration::from_secs(30), "the first flood rows", || {
+        collector.count(FLOOD_TABLE) > 0
+    });
+    // Watch memory and keep querying while the flood runs.
+    let started = Instant::now();
+    let mut max_rss = idle_rss;
+    let mut queries = 0;
+    let mut last_query = Instant::now() - Duration::from_secs(1);
+    let mut max_buffered_rows = 0;
+    let mut stored_rows = 0;
+    // At least 15 s, and until several times what a full buffer holds has gone through (at most 60 s).
+    while started.elapsed() < Duration::from_secs(15)
+        || (stored_rows < 3 * max_buffered_rows && started.elapsed() < Duration::from_secs(60))
+    {
+        let rss = rss_bytes(pid).unwrap();
+        max_rss = max_rss.max(rss);
+        assert!(
+            rss < FLOOD_RSS_BOUND,
+            "collector RSS {} MiB after {:?} of flood; the bound is {} MiB",
+            rss >> 20,
+            started.elapsed(),
+            FLOOD_RSS_BOUND >> 20
+        );
+        if last_query.elapsed() >= Duration::from_millis(500) {
+            last_query = Instant::now();
+            let rows = collector.sql(&format!(
+                "SELECT flooder, count(*) AS n, max(value) AS v FROM {FLOOD_TABLE} GROUP BY flooder"
+            ));
+            assert!(rows.len() <= 6, "{rows:?}");
+            stored_rows = rows.iter().map(|r| r["n"].as_u64().unwrap()).sum::<u64>();
+            queries += 1;
+            let (code, health) = common::http_get(&format!("{}/health", collector.http)).unwrap();
+            assert_eq!(code, 200, "{health}");
+            let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+            max_buffered_rows =
+                max_buffered_rows.max(health["store"]["buffered_rows"].as_u64().unwrap());
+            println!(
+                "{:>5.1} s: rss {:>4} MiB, buffered {:>3} MiB ({} rows), query {} ms",
+                started.elapsed().as_secs_f64(),
+                rss >> 20,
+                health["store"]["buffered_bytes"].as_u64().unwrap() >> 20,
+                health["store"]["buffered_rows"],
+                last_query.elapsed().as_millis()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Stop making new batches; the flooders deliver what was refused.
+    flooding.store(false, Ordering::SeqCst);
+    let flooded: Vec<Flooded> = flooders
+        .into_iter()
+        .map(|h| rt.block_on(h).unwrap())
+        .collect();
+    max_rss = max_rss.max(rss_bytes(pid).unwrap());
+    let acked_points: u64 = flooded.iter().map(|f| f.acked_points).sum();
+    let push_retries: u64 = flooded[..3].iter().map(|f| f.retries).sum();
+    let unary_retries: u64 = flooded[3..].iter().map(|f| f.retries).sum();
+    println!(
+        "flood: RSS idle {} MiB, max {} MiB (bound {} MiB); {acked_points} points acknowledged; {push_retries} RETRY \
+         acks on push streams, {unary_retries} UNAVAILABLE on unary writes; {queries} queries answered",
+        idle_rss >> 20,
+        max_rss >> 20,
+        FLOOD_RSS_BOUND >> 20
+    );
+    assert!(
+        push_retries > 0 && unary_retries > 0,
+        "the flood never reached the hard limit: {flooded:?}"
+    );
+    assert!(flooded[3..].iter().any(|f| f.retry_info_seen));
+    assert!(queries >= 3, "{queries} queries answered during the flood");
+    // Far more went through than the buffer holds, so the bound above is the limits' doing.
+    assert!(
+        acked_points >= 3 * max_buffered_rows,
+        "only {acked_points} points acknowledged; the buffer held up to {max_buffered_rows} rows"
+    );
+
+    // Everything acknowledged is stored, once.
+    let lines = sql_csv(
+        &collector,
+        &format!(
+            "SELECT flooder, count(*) AS n, count(DISTINCT id) AS d, sum(id) AS s FROM {FLOOD_TABLE} \
+             GROUP BY flooder ORDER BY flooder"
+        ),
+    );
+    let stored: Vec<(String, u64, u64, u128)> = lines
+        .iter()
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (
+                c[0].to_owned(),
+                c[1].parse().unwrap(),
+                c[2].parse().unwrap(),
+                c[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64, u64, u128)> = flooded
+        .iter()
+        .map(|f| {
+            (
+                format!("f{}", f.flooder),
+                f.acked_points,
+                f.acked_points,
+                f.id_sum,
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored, expected,
+        "(flooder, rows, distinct ids, sum of ids)"
+    );
+    let (code, health) = common::http_get(&format!("{}/health", collector.http)).unwrap();
+    assert_eq!(code, 200, "{health}");
+}

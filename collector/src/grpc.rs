@@ -3,15 +3,25 @@
 //! `Push` handles the batches of one stream concurrently (so they can share a WAL group commit) but answers them in
 //! arrival order, as the protocol promises. An ack is sent only once the store has answered, that is once the batch
 //! is durable, known as a duplicate, rejected, or to be retried.
+//!
+//! "Retry later" (the write buffer is full, the WAL cannot be written, the collector is stopping): on `Push` it is an
+//! ack `RETRY` with `retry_after_ms`, since the stream goes on. On the unary `Write` it is the gRPC status
+//! `UNAVAILABLE`, the code gRPC defines for "transient, retry with backoff" and the one OTLP exporters treat as
+//! throttling, with the hint three ways: a `google.rpc.RetryInfo` in the status details (what OTLP clients read),
+//! `grpc-retry-pushback-ms` (what gRPC's built-in retry policies read) and `retry-after-ms`. An error status, not an
+//! OK carrying RETRY, so a client that only checks the status cannot take a refused batch for a stored one.
 
 use std::pin::Pin;
 use std::time::Duration;
+
+use prost::Message;
 
 use damselfly_proto::v1::ingest_server::{Ingest, IngestServer};
 use damselfly_proto::v1::{Ack, AckStatus, WriteBatch};
 use futures::{Stream, StreamExt};
 use tonic::codec::CompressionEncoding;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::agents::AgentRegistry;
 use crate::store::{Store, WriteOutcome};
@@ -80,9 +90,83 @@ pub fn ack_for(seq: u64, outcome: WriteOutcome) -> Ack {
     }
 }
 
-/// Stores a batch and answers it; a STORED or DUPLICATE batch counts as hearing from its agent.
-async fn store_batch(store: &Store, registry: Option<&AgentRegistry>, batch: WriteBatch) -> Ack {
-    let seq = batch.seq;
+/// The unary `Write`'s answer to "retry later": `UNAVAILABLE` with the retry hint in the status details
+/// (`google.rpc.RetryInfo`) and in the trailers (`grpc-retry-pushback-ms`, `retry-after-ms`).
+pub fn retry_status(message: &str, after: Duration) -> Status {
+    let delay = ProtoDuration {
+        seconds: i64::try_from(after.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(after.subsec_nanos()).unwrap_or(0),
+    };
+    let details = RpcStatus {
+        code: Code::Unavailable as i32,
+        message: message.to_owned(),
+        details: vec![ProtoAny {
+            type_url: RETRY_INFO_TYPE_URL.to_owned(),
+            value: RetryInfo {
+                retry_delay: Some(delay),
+            }
+            .encode_to_vec(),
+        }],
+    };
+    let mut status = Status::with_details(
+        Code::Unavailable,
+        message,
+        details.encode_to_vec().into(),
+    );
+    let ms = MetadataValue::from(duration_ms(after));
+    status
+        .metadata_mut()
+        .insert("grpc-retry-pushback-ms", ms.clone());
+    status.metadata_mut().insert("retry-after-ms", ms);
+    status
+}
+
+/// `type_url` of `google.rpc.RetryInfo` in a `google.protobuf.Any`.
+pub const RETRY_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.RetryInfo";
+
+/// `google.rpc.Status`, the payload of the `grpc-status-details-bin` trailer. Only the fields used here are
+/// declared: these few messages are not worth a dependency on the googleapis crates.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<ProtoAny>,
+}
+
+/// `google.protobuf.Any`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProtoAny {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// `google.rpc.RetryInfo`: when the client should retry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    pub retry_delay: Option<ProtoDuration>,
+}
+
+/// `google.protobuf.Duration`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProtoDuration {
+    #[prost(int64, tag = "1")]
+    pub seconds: i64,
+    #[prost(int32, tag = "2")]
+    pub nanos: i32,
+}
+
+/// Stores a batch; a STORED or DUPLICATE batch counts as hearing from its agent.
+async fn store_batch(
+    store: &Store,
+    registry: Option<&AgentRegistry>,
+    batch: WriteBatch,
+) -> WriteOutcome {
     let agent_id = registry.map(|_| batch.agent_id.clone());
     let outcome = store.write(batch).await;
     if let (Some(registry), Some(agent_id)) = (registry, agent_id)
@@ -93,7 +177,7 @@ async fn store_batch(store: &Store, registry: Option<&AgentRegistry>, batch: Wri
     {
         registry.touch(&agent_id);
     }
-    ack_for(seq, outcome)
+    outcome
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -120,7 +204,10 @@ impl Ingest for IngestService {
                 let registry = registry.clone();
                 async move {
                     match item {
-                        Ok(batch) => Ok(store_batch(&store, registry.as_ref(), batch).await),
+                        Ok(batch) => {
+                            let seq = batch.seq;
+                            Ok(ack_for(seq, store_batch(&store, registry.as_ref(), batch).await))
+                        }
                         Err(status) => {
                             // A message that does not decode or is too large ends the stream with that status; the
                             // batches before it were answered already.
@@ -136,8 +223,10 @@ impl Ingest for IngestService {
 
     async fn write(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
         let batch = request.into_inner();
-        Ok(Response::new(
-            store_batch(&self.store, self.registry.as_ref(), batch).await,
-        ))
+        let seq = batch.seq;
+        match store_batch(&self.store, self.registry.as_ref(), batch).await {
+            WriteOutcome::Retry { message, after } => Err(retry_status(&message, after)),
+            outcome => Ok(Response::new(ack_for(seq, outcome))),
+        }
     }
 }

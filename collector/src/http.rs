@@ -30,7 +30,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::agents::{AgentRegistry, AgentStatus};
 use crate::query::{QueryEngine, QueryError, QueryResult};
-use crate::store::Store;
+use crate::store::{Store, WriteOutcome};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -91,6 +91,32 @@ impl IntoResponse for ApiError {
 fn error_response(status: StatusCode, message: &str) -> Response {
     let body = serde_json::json!({ "error": message }).to_string();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The HTTP answer to a write the store cannot take now ([`WriteOutcome::Retry`]): `503 Service Unavailable`, a
+/// `Retry-After` header in whole seconds (rounded up: HTTP has no finer unit) and `{"error": message}`. 503 rather
+/// than 429 because the collector as a whole is out of buffer space, not this client over a quota; Prometheus
+/// remote-write senders, OTLP/HTTP exporters and Telegraf's InfluxDB outputs all retry a 503 and honour
+/// `Retry-After`. For HTTP ingest endpoints (see [`write_outcome_response`]).
+pub fn retry_response(message: &str, after: std::time::Duration) -> Response {
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+    response
+}
+
+/// The HTTP answer to a write outcome, for HTTP ingest endpoints: `204 No Content` once stored (or already stored:
+/// a duplicate is a success to the sender), `400` with the reason when rejected, [`retry_response`] for retry.
+pub fn write_outcome_response(outcome: WriteOutcome) -> Response {
+    match outcome {
+        WriteOutcome::Stored { .. } | WriteOutcome::Duplicate => {
+            StatusCode::NO_CONTENT.into_response()
+        }
+        WriteOutcome::Rejected(message) => error_response(StatusCode::BAD_REQUEST, &message),
+        WriteOutcome::Retry { message, after } => retry_response(&message, after),
+    }
 }
 
 /// Status codes for query failures: `400` for the query's own faults, `413` when the result is too large, `503`
@@ -300,4 +326,30 @@ pub fn encode(result: &QueryResult, format: Format) -> Result<Vec<u8>, arrow::er
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_is_503_with_retry_after_rounded_up_to_seconds() {
+        let response = write_outcome_response(WriteOutcome::Retry {
+            message: "write buffer is full".into(),
+            after: Duration::from_millis(1_200),
+        });
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let short = retry_response("busy", Duration::from_millis(250));
+        assert_eq!(short.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            write_outcome_response(WriteOutcome::Duplicate).status(),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(
+            write_outcome_response(WriteOutcome::Rejected("bad".into())).status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
 }

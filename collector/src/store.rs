@@ -10,13 +10,14 @@
 //! dedup set, and deletes the sealed segments.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use damselfly_proto::v1::WriteBatch;
 use prost::Message;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use crate::buffer::Buffer;
 use crate::catalog::{Catalog, TableSchema};
@@ -95,6 +96,8 @@ pub struct StoreStats {
 enum WriterMsg {
     Write {
         batch: WriteBatch,
+        /// Its encoded size: what it is expected to add to the buffer.
+        bytes: usize,
         reply: oneshot::Sender<WriteOutcome>,
     },
     Rotate {
@@ -123,6 +126,14 @@ struct Inner {
     flush_wanted: Arc<Notify>,
     /// Serialises flushes (the periodic one, the size-triggered one and the final one).
     flush_lock: tokio::sync::Mutex<()>,
+    /// Told whenever a flush has dropped persisted rows from memory: writes waiting at the hard limit re-check.
+    space_freed: Notify,
+    /// Bytes of writes received but not yet answered (a quarter of `max_buffer_bytes`): bounds the memory held by
+    /// writes waiting for space or for the writer, however many clients send at once.
+    in_progress: Semaphore,
+    in_progress_limit: usize,
+    /// The "retry after" hint, in milliseconds: about as long as the last flush took (see [`retry_after`]).
+    retry_hint_ms: Arc<AtomicU64>,
     replayed_records: usize,
     truncated_bytes: u64,
 }
@@ -189,7 +200,9 @@ impl Store {
         );
         let state = Arc::new(Mutex::new(state));
         let flush_wanted = Arc::new(Notify::new());
+        let retry_hint_ms = Arc::new(AtomicU64::new(INITIAL_RETRY_MS));
         let (tx, rx) = mpsc::channel(4096);
+        let in_progress_limit = (config.max_buffer_bytes / 4).clamp(1, Semaphore::MAX_PERMITS);
         let writer = Writer {
             wal,
             rx,
@@ -197,6 +210,7 @@ impl Store {
             flush_wanted: flush_wanted.clone(),
             flush_bytes: config.flush_buffer_bytes,
             max_bytes: config.max_buffer_bytes,
+            retry_hint_ms: retry_hint_ms.clone(),
         };
         std::thread::Builder::new()
             .name(format!("damselfly-wal-{}", config.shard_id))
@@ -211,6 +225,10 @@ impl Store {
                 writer: tx,
                 flush_wanted,
                 flush_lock: tokio::sync::Mutex::new(()),
+                space_freed: Notify::new(),
+                in_progress: Semaphore::new(in_progress_limit),
+                in_progress_limit,
+                retry_hint_ms,
                 replayed_records,
                 truncated_bytes: replay.truncated_bytes,
             }),
@@ -238,20 +256,88 @@ impl Store {
         let limits = BatchLimits {
             max_points: self.inner.config.max_batch_points,
         };
+        let held = in_memory_estimate(&batch);
         if let Err(invalid) = validate_batch(&batch, limits) {
             return WriteOutcome::Rejected(invalid.0);
+        }
+        // Backpressure happens here, before the writer thread, which never waits: other writes (duplicates, or
+        // anything once space is free) go on being committed meanwhile.
+        let bytes = batch.encoded_len();
+        let Some(_in_progress) = self.admit(held.max(bytes)) else {
+            return WriteOutcome::Retry {
+                message: format!(
+                    "too many writes in progress (over {} bytes, a quarter of max_buffer_bytes): the write buffer \
+                     is full or nearly so; retry later",
+                    self.inner.in_progress_limit
+                ),
+                after: retry_after(&self.inner.retry_hint_ms),
+            };
+        };
+        if let Err(retry) = self.wait_for_space(&batch, bytes).await {
+            return retry;
         }
         let (reply, answer) = oneshot::channel();
         if self
             .inner
             .writer
-            .send(WriterMsg::Write { batch, reply })
+            .send(WriterMsg::Write {
+                batch,
+                bytes,
+                reply,
+            })
             .await
             .is_err()
         {
             return shutting_down();
         }
         answer.await.unwrap_or_else(|_| shutting_down())
+    }
+
+    /// Reserves `bytes` of the in-progress budget, without waiting: a write that finds it used up is answered at
+    /// once, which frees its memory instead of holding it. A batch larger than the whole budget needs all of it.
+    fn admit(&self, bytes: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let n = bytes
+            .clamp(1, self.inner.in_progress_limit)
+            .min(u32::MAX as usize) as u32;
+        self.inner.in_progress.try_acquire_many(n).ok()
+    }
+
+    /// When `bytes` more would take the buffer over the hard limit (`max_buffer_bytes`; the writer applies the same
+    /// rule), asks for a flush and waits up to `backpressure_wait_ms` for it to free space. A batch already stored
+    /// does not wait: the writer answers it DUPLICATE.
+    async fn wait_for_space(
+        &self,
+        batch: &WriteBatch,
+        bytes: usize,
+    ) -> std::result::Result<(), WriteOutcome> {
+        let max = self.inner.config.max_buffer_bytes;
+        let wait = self.inner.config.backpressure_wait();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so a flush finishing in between is not missed.
+            let freed = self.inner.space_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let buffered = {
+                let state = lock(&self.inner.state);
+                if state.dedup.contains(&batch.agent_id, batch.seq) {
+                    return Ok(());
+                }
+                state.buffered_bytes()
+            };
+            if buffered == 0 || buffered.saturating_add(bytes) <= max {
+                return Ok(());
+            }
+            self.inner.flush_wanted.notify_one();
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(buffer_full(
+                    buffered,
+                    max,
+                    wait,
+                    retry_after(&self.inner.retry_hint_ms),
+                ));
+            }
+        }
     }
 
     /// Names of all tables (stored or buffered).
@@ -302,6 +388,18 @@ impl Store {
     /// number of files written.
     pub async fn flush(&self) -> Result<usize> {
         let _guard = self.inner.flush_lock.lock().await;
+        let started = Instant::now();
+        let result = self.rotate_and_persist().await;
+        // The retry hint follows how long freeing space takes; a failing flush frees nothing for a while.
+        let hint = match &result {
+            Ok(_) => u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            Err(_) => MAX_RETRY_MS,
+        };
+        self.inner.retry_hint_ms.store(hint, Ordering::Relaxed);
+        result
+    }
+
+    async fn rotate_and_persist(&self) -> Result<usize> {
         let (reply, answer) = oneshot::channel();
         self.inner
             .writer
@@ -357,6 +455,7 @@ impl Store {
             state.frozen.retain(|f| !Arc::ptr_eq(f, &frozen));
             state.dedup.clone()
         };
+        self.inner.space_freed.notify_waiters();
         let config = self.inner.config.clone();
         let sealed = frozen.sealed_segment;
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -400,6 +499,44 @@ impl Store {
     }
 }
 
+/// Roughly what a decoded batch occupies in memory: its encoded size plus, for row-wise points, their allocations
+/// (a `Point` with its tag and field vectors and their strings takes several times its wire size).
+fn in_memory_estimate(batch: &WriteBatch) -> usize {
+    const PER_POINT: usize = 96;
+    const PER_TAG_OR_FIELD: usize = 80;
+    batch.encoded_len()
+        + batch
+            .points
+            .iter()
+            .map(|p| PER_POINT + (p.tags.len() + p.fields.len()) * PER_TAG_OR_FIELD)
+            .sum::<usize>()
+}
+
+/// Bounds of the "retry after" hint (milliseconds), and its value before the first flush.
+const MIN_RETRY_MS: u64 = 250;
+const MAX_RETRY_MS: u64 = 10_000;
+const INITIAL_RETRY_MS: u64 = 1_000;
+
+/// When a write refused for lack of buffer space should come back: about one flush from now.
+fn retry_after(hint_ms: &AtomicU64) -> Duration {
+    Duration::from_millis(
+        hint_ms
+            .load(Ordering::Relaxed)
+            .clamp(MIN_RETRY_MS, MAX_RETRY_MS),
+    )
+}
+
+fn buffer_full(buffered: usize, max: usize, waited: Duration, after: Duration) -> WriteOutcome {
+    WriteOutcome::Retry {
+        message: format!(
+            "write buffer is full ({buffered} bytes buffered, max_buffer_bytes {max}; waited {} ms for a flush to \
+             free space); retry later",
+            waited.as_millis()
+        ),
+        after,
+    }
+}
+
 fn shutting_down() -> WriteOutcome {
     WriteOutcome::Retry {
         message: "the collector is shutting down".into(),
@@ -419,6 +556,7 @@ struct Writer {
     flush_wanted: Arc<Notify>,
     flush_bytes: usize,
     max_bytes: usize,
+    retry_hint_ms: Arc<AtomicU64>,
 }
 
 /// Most writes taken into one group commit.
@@ -430,12 +568,20 @@ impl Writer {
             let mut group = Vec::new();
             let mut control = None;
             match first {
-                WriterMsg::Write { batch, reply } => group.push((batch, reply)),
+                WriterMsg::Write {
+                    batch,
+                    bytes,
+                    reply,
+                } => group.push((batch, bytes, reply)),
                 rotate @ WriterMsg::Rotate { .. } => control = Some(rotate),
             }
             while control.is_none() && group.len() < MAX_GROUP {
                 match self.rx.try_recv() {
-                    Ok(WriterMsg::Write { batch, reply }) => group.push((batch, reply)),
+                    Ok(WriterMsg::Write {
+                        batch,
+                        bytes,
+                        reply,
+                    }) => group.push((batch, bytes, reply)),
                     Ok(rotate @ WriterMsg::Rotate { .. }) => control = Some(rotate),
                     Err(_) => break,
                 }
@@ -450,33 +596,37 @@ impl Writer {
         tracing::debug!("WAL writer stopped");
     }
 
-    fn commit(&mut self, group: Vec<(WriteBatch, oneshot::Sender<WriteOutcome>)>) {
+    fn commit(&mut self, group: Vec<(WriteBatch, usize, oneshot::Sender<WriteOutcome>)>) {
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; group.len()];
         let mut accepted = Vec::new();
         {
             let state = lock(&self.state);
-            let over_limit = state.buffered_bytes() >= self.max_bytes;
+            // The hard limit, batch by batch: writes that waited in `Store::write` may all have seen free space at
+            // once. An empty buffer takes any one batch, so a batch larger than the limit is not refused forever.
+            // Over the limit the answer is immediate: this thread never waits.
+            let mut projected = state.buffered_bytes();
+            let mut over_limit = false;
             let mut overlay = HashMap::new();
             let mut seen: HashSet<(&str, u64)> = HashSet::new();
-            for (i, (batch, _)) in group.iter().enumerate() {
+            for (i, (batch, bytes, _)) in group.iter().enumerate() {
                 if state.dedup.contains(&batch.agent_id, batch.seq)
                     || seen.contains(&(batch.agent_id.as_str(), batch.seq))
                 {
                     outcomes[i] = Some(WriteOutcome::Duplicate);
-                } else if over_limit {
-                    outcomes[i] = Some(WriteOutcome::Retry {
-                        message: format!(
-                            "write buffer is full ({} bytes buffered, limit {}); flushing",
-                            state.buffered_bytes(),
-                            self.max_bytes
-                        ),
-                        after: Duration::from_millis(500),
-                    });
+                } else if projected > 0 && projected.saturating_add(*bytes) > self.max_bytes {
+                    over_limit = true;
+                    outcomes[i] = Some(buffer_full(
+                        projected,
+                        self.max_bytes,
+                        Duration::ZERO,
+                        retry_after(&self.retry_hint_ms),
+                    ));
                 } else if let Err(conflict) = state.catalog.check_batch(batch, &mut overlay) {
                     outcomes[i] = Some(WriteOutcome::Rejected(conflict.to_string()));
                 } else {
                     seen.insert((batch.agent_id.as_str(), batch.seq));
                     accepted.push(i);
+                    projected = projected.saturating_add(*bytes);
                 }
             }
             if over_limit {
@@ -516,7 +666,7 @@ impl Writer {
                 }
             }
         }
-        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+        for ((_, _, reply), outcome) in group.into_iter().zip(outcomes) {
             let outcome = outcome
                 .unwrap_or_else(|| WriteOutcome::Rejected("internal error: no outcome".into()));
             let _ = reply.send(outcome);
@@ -529,11 +679,19 @@ impl Writer {
         let mut state = lock(&self.state);
         let mut old = std::mem::take(&mut state.active);
         let rows = old.rows();
-        let bytes = old.bytes();
-        let tables = old
+        let tables: BTreeMap<String, Vec<RecordBatch>> = old
             .tables_mut()
             .map(|(name, table)| (name.clone(), table.snapshot()))
             .collect();
+        // What the frozen rows really occupy (the buffer's running figure is an estimate), so the hard limit
+        // counts them honestly while they wait for Parquet.
+        let bytes = old.bytes().max(
+            tables
+                .values()
+                .flatten()
+                .map(RecordBatch::get_array_memory_size)
+                .sum(),
+        );
         let frozen = Arc::new(Frozen {
             wal_seq,
             sealed_segment,
@@ -673,6 +831,102 @@ mod tests {
             buffered_rows(&store),
             0,
             "replay must skip rows already in Parquet"
+        );
+    }
+
+    /// A batch of one point whose string field holds `text_bytes` bytes.
+    fn big_batch(seq: u64, text_bytes: usize) -> WriteBatch {
+        let mut b = batch(seq, Value::Str("x".repeat(text_bytes)));
+        b.points[0].fields[0].key = "text".into();
+        b
+    }
+
+    fn small_buffer(dir: &std::path::Path, wait_ms: u64) -> CollectorConfig {
+        CollectorConfig {
+            max_buffer_bytes: 16 * 1024,
+            flush_buffer_bytes: 16 * 1024,
+            backpressure_wait_ms: wait_ms,
+            ..config(dir)
+        }
+    }
+
+    #[tokio::test]
+    async fn at_the_hard_limit_a_write_waits_for_a_flush_then_is_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&small_buffer(dir.path(), 30_000)).expect("open");
+        assert_eq!(
+            store.write(big_batch(1, 10_000)).await,
+            WriteOutcome::Stored { points: 1 }
+        );
+        // 10 KB more would pass the 16 KiB limit: the write waits for space instead of failing...
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.write(big_batch(2, 10_000)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the write must wait for a flush");
+        // ...and goes through once a flush has freed the space.
+        store.flush().await.expect("flush");
+        assert_eq!(
+            waiting.await.expect("join"),
+            WriteOutcome::Stored { points: 1 }
+        );
+        assert_eq!(file_rows(&store), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_hard_limit_a_write_is_answered_retry_after_the_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&small_buffer(dir.path(), 200)).expect("open");
+        assert_eq!(
+            store.write(big_batch(1, 10_000)).await,
+            WriteOutcome::Stored { points: 1 }
+        );
+        let started = Instant::now();
+        match store.write(big_batch(2, 10_000)).await {
+            WriteOutcome::Retry { message, after } => {
+                assert!(message.contains("max_buffer_bytes"), "{message}");
+                assert!(after >= Duration::from_millis(MIN_RETRY_MS), "{after:?}");
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
+        // A batch stored before is a duplicate whatever the buffer holds: no waiting, no retry.
+        assert_eq!(
+            store.write(big_batch(1, 10_000)).await,
+            WriteOutcome::Duplicate
+        );
+        // The refused batch was not half-stored: after a flush it is stored, once.
+        store.flush().await.expect("flush");
+        assert_eq!(
+            store.write(big_batch(2, 10_000)).await,
+            WriteOutcome::Stored { points: 1 }
+        );
+        assert_eq!(buffered_rows(&store), 1);
+    }
+
+    #[tokio::test]
+    async fn writes_beyond_the_in_progress_budget_are_answered_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&small_buffer(dir.path(), 30_000)).expect("open");
+        store.write(big_batch(1, 10_000)).await;
+        // This one waits for space, holding the whole in-progress budget (a quarter of 16 KiB)...
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.write(big_batch(2, 10_000)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // ...so the next is not held in memory too: it is told to retry at once.
+        match store.write(big_batch(3, 10_000)).await {
+            WriteOutcome::Retry { message, .. } => {
+                assert!(message.contains("in progress"), "{message}")
+            }
+            other => panic!("expected retry, got {other:?}"),
+        }
+        store.flush().await.expect("flush");
+        assert_eq!(
+            waiting.await.expect("join"),
+            WriteOutcome::Stored { points: 1 }
         );
     }
 
