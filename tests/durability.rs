@@ -1121,3 +1121,90 @@ fn a_flood_beyond_the_hard_limit_gets_retry_while_memory_stays_bounded_and_queri
     let (code, health) = common::http_get(&format!("{}/health", collector.http)).unwrap();
     assert_eq!(code, 200, "{health}");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Runaway queries
+
+/// Runs SQL; returns the status and the `error` text (empty on success).
+fn sql_status(collector: &CollectorProc, sql: &str) -> (u16, String) {
+    let (code, body) =
+        http_post(&format!("{}/api/v1/sql", collector.http), sql.as_bytes()).unwrap();
+    if code == 200 {
+        return (code, String::new());
+    }
+    let error: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{sql}: {e}: {body}"));
+    (code, error["error"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn runaway_queries_are_stopped_with_an_error_naming_the_limit_and_the_collector_keeps_serving() {
+    let scratch = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &scratch.path().join("collector.toml"),
+        "query_timeout_secs = 2\nquery_memory_bytes = 16777216\n",
+    );
+    let collector = CollectorProc::start(&scratch.path().join("store"), &["--config", &config]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = Arc::new(Shared {
+        url: RwLock::new(collector.grpc.clone()),
+        generate: AtomicBool::new(true),
+        acked_points: AtomicU64::new(0),
+        failure: Mutex::new(None),
+    });
+    // An agent keeps writing throughout: ingest must not stall behind the runaway queries.
+    let agent = rt.spawn(run_push_agent(shared.clone(), Agent::new(0), 4));
+    common::wait_until(Duration::from_secs(30), "first rows", || {
+        collector.count(TABLE) > 0
+    });
+
+    // 10^10 rows of cross join: stopped by the timeout.
+    let (code, error) = sql_status(
+        &collector,
+        "SELECT count(*) FROM range(100000) a CROSS JOIN range(100000) b",
+    );
+    assert_eq!(code, 504, "{error}");
+    assert!(
+        error.contains("did not finish within 2s") && error.contains("query_timeout_secs"),
+        "{error}"
+    );
+
+    // A hash join whose build side (20 million rows) cannot spill: stopped by the memory pool.
+    let (code, error) = sql_status(
+        &collector,
+        "SELECT count(*) FROM range(20000000) a JOIN range(20000000) b ON a.value = b.value",
+    );
+    assert_eq!(code, 503, "{error}");
+    assert!(
+        error.contains("needs more memory than query_memory_bytes (16777216 bytes"),
+        "{error}"
+    );
+    assert!(error.contains("Resources exhausted"), "{error}");
+
+    // Bad SQL stays a 400 of its own.
+    let (code, error) = sql_status(&collector, "SELEC 1");
+    assert_eq!(code, 400, "{error}");
+
+    // The collector still serves: health, queries, and the agent's writes all went through.
+    let (code, health) = common::http_get(&format!("{}/health", collector.http)).unwrap();
+    assert_eq!(code, 200, "{health}");
+    let acked_before = shared.acked_points.load(Ordering::SeqCst);
+    common::wait_until(Duration::from_secs(30), "more writes acknowledged", || {
+        shared.acked_points.load(Ordering::SeqCst) > acked_before
+    });
+    shared.generate.store(false, Ordering::SeqCst);
+    let agent = rt.block_on(agent).unwrap();
+    shared.check();
+    let (rows, distinct) = stored_counts(&collector);
+    assert_eq!(
+        (rows, distinct),
+        (
+            agent.acked.len() as u64 * POINTS_PER_BATCH,
+            agent.acked.len() as u64 * POINTS_PER_BATCH
+        )
+    );
+}

@@ -55,7 +55,8 @@ pub struct CollectorConfig {
     pub max_sql_bytes: usize,
     /// Queries are cancelled after this many seconds. Default 60.
     pub query_timeout_secs: u64,
-    /// Memory available to one query's operators (bytes). Default 1 GiB.
+    /// Memory for the operators of all queries running at once (one pool, bytes); a query that needs more than
+    /// is left fails with a 503 naming this key. Default 1 GiB.
     pub query_memory_bytes: usize,
     /// Most rows one SQL response may carry. Default 1,000,000.
     pub max_result_rows: usize,

@@ -167,7 +167,17 @@ impl QueryEngine {
         };
         let result = tokio::time::timeout(self.limits.timeout, run)
             .await
-            .map_err(|_| QueryError::Timeout(self.limits.timeout))??;
+            .map_err(|_| QueryError::Timeout(self.limits.timeout))?
+            .map_err(|e| match QueryError::from(e) {
+                // DataFusion names the operator that ran out; say which setting it ran into.
+                QueryError::ResourcesExhausted(message) => QueryError::ResourcesExhausted(format!(
+                    "the query needs more memory than query_memory_bytes ({} bytes, shared by the queries \
+                     running at once) allows; narrow it (a time range, fewer columns, a LIMIT) or raise \
+                     query_memory_bytes. {message}",
+                    self.limits.memory_bytes
+                )),
+                other => other,
+            })?;
         if result.num_rows() > self.limits.max_result_rows {
             return Err(QueryError::TooManyRows(self.limits.max_result_rows));
         }
