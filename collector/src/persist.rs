@@ -6,7 +6,8 @@
 //! replayed into that partition again, which makes replay idempotent even after a crash in the middle of a flush.
 //! Rows are sorted by series (tags in name order) then time; zstd; dictionary-encoded tags with bloom filters;
 //! delta-encoded time and integers. A float column whose values in a file are all exact decimals (`m / 10^s`)
-//! is stored as `DECIMAL(18, s)` on INT64 with delta encoding and listed in the `damselfly.decimal_floats`
+//! is stored as a DECIMAL (`(9, s)` on INT32 when it fits, else `(18, s)` on INT64) with delta encoding and listed
+//! in the `damselfly.decimal_floats`
 //! key-value metadata; readers turn it back into the very same f64 values (see [`encode_floats`]).
 
 use std::collections::BTreeMap;
@@ -38,12 +39,15 @@ const NANOS_PER_HOUR: i64 = 3_600_000_000_000;
 pub const META_WAL_SEQ: &str = "damselfly.wal_seq";
 pub const META_MIN_TIME: &str = "damselfly.min_time";
 pub const META_MAX_TIME: &str = "damselfly.max_time";
-/// File key-value metadata: a JSON array naming the f64 columns this file stores as `DECIMAL(18, s)`.
+/// File key-value metadata: a JSON array naming the f64 columns this file stores as DECIMAL.
 pub const META_DECIMAL_FLOATS: &str = "damselfly.decimal_floats";
 
-/// Precision of the decimals floats are stored as: 18 digits is the most an INT64 holds, so Parquet stores them
-/// as INT64, which delta-encodes.
-const DECIMAL_PRECISION: u8 = 18;
+/// Precision of the decimals floats are stored as when every unscaled value has at most 9 digits: Parquet then
+/// stores them as INT32, whose delta encoding packs 32-value miniblocks (INT64: 64), which saves ~0.6 bits per
+/// value on random walks (benches/RESULTS.md).
+pub const DECIMAL_PRECISION_INT32: u8 = 9;
+/// Otherwise 18 digits, the most an INT64 holds.
+pub const DECIMAL_PRECISION_INT64: u8 = 18;
 /// Most digits after the point tried before a float column is left as f64.
 const MAX_DECIMAL_SCALE: i8 = 9;
 /// Largest unscaled decimal accepted: beyond 2^53 an i64 does not convert to f64 exactly, and the reader's
@@ -225,7 +229,8 @@ pub fn writer_properties(
 
 /// Stores float columns as decimals where that is lossless: when every non-null value of a Float64 column is
 /// exactly `m / 10^s` for some `s <= MAX_DECIMAL_SCALE` and `|m| <= 2^53`, the column becomes
-/// `Decimal128(18, s)` (Parquet: DECIMAL on INT64), which delta-encodes to a few bits per value where the float's
+/// `Decimal128(9, s)` (Parquet: DECIMAL on INT32) or, for larger values, `Decimal128(18, s)` (on INT64), which
+/// delta-encodes to a few bits per value where the float's
 /// bytes look random to zstd. The check runs the very cast kernel readers use (`arrow::compute::cast`, which
 /// DataFusion's schema adapter and [`conform`] call), and compares bits, so reading the column back as Float64
 /// gives every value bit for bit (-0.0, NaN and infinities keep a column f64). Returns the stored batch and the
@@ -263,16 +268,25 @@ pub fn encode_floats(batch: &RecordBatch) -> Result<(RecordBatch, Vec<String>)> 
     Ok((RecordBatch::try_new(schema, columns)?, converted))
 }
 
-/// The column as `Decimal128(18, s)` if that round-trips exactly through the Decimal -> Float64 cast.
+/// The column as `Decimal128(9 or 18, s)` if that round-trips exactly through the Decimal -> Float64 cast.
 fn as_decimal(values: &Float64Array) -> Result<Option<Decimal128Array>> {
     let Some(scale) = decimal_scale(values) else {
         return Ok(None);
     };
     let pow = 10f64.powi(i32::from(scale));
+    let largest = (0..values.len())
+        .filter(|i| values.is_valid(*i))
+        .map(|i| (values.value(i) * pow).round().abs())
+        .fold(0.0, f64::max);
+    let precision = if largest < 1e9 {
+        DECIMAL_PRECISION_INT32
+    } else {
+        DECIMAL_PRECISION_INT64
+    };
     // Null slots hold whatever the builder left there; `as` saturates, so no value can panic here.
     let decimal = values
         .unary::<_, arrow::datatypes::Decimal128Type>(|v| (v * pow).round() as i128)
-        .with_precision_and_scale(DECIMAL_PRECISION, scale)?;
+        .with_precision_and_scale(precision, scale)?;
     let back = cast(&decimal, &DataType::Float64)?;
     let back = back.as_primitive::<Float64Type>();
     let exact = (0..values.len())
@@ -667,14 +681,22 @@ mod tests {
     fn floats_become_decimals_only_when_exact() {
         assert_eq!(
             stored_type(&[Some(94.82), None, Some(-0.07), Some(100.0)]),
-            DataType::Decimal128(18, 2)
+            DataType::Decimal128(9, 2)
         );
         assert_eq!(
             stored_type(&[Some(3.0), Some(-7e12)]),
             DataType::Decimal128(18, 0)
         );
         assert_eq!(
+            stored_type(&[Some(3.0), Some(-999_999_999.0)]),
+            DataType::Decimal128(9, 0)
+        );
+        assert_eq!(
             stored_type(&[Some(0.1), Some(0.000_000_001)]),
+            DataType::Decimal128(9, 9)
+        );
+        assert_eq!(
+            stored_type(&[Some(1.5), Some(0.000_000_001)]),
             DataType::Decimal128(18, 9)
         );
         // Not short decimals, or not representable as one: the column stays f64.
@@ -705,6 +727,45 @@ mod tests {
         }
     }
 
+    /// Delta encoding wraps around: extreme integers (u64 above i64::MAX, i64::MIN next to i64::MAX) survive.
+    #[test]
+    fn delta_encoded_integers_round_trip_at_the_extremes() {
+        use arrow::array::{Int64Array as I64, UInt64Array as U64};
+        let schema = Arc::new(Schema::new(vec![
+            arrow::datatypes::Field::new("i", DataType::Int64, true),
+            arrow::datatypes::Field::new("u", DataType::UInt64, true),
+        ]));
+        let i = I64::from(vec![
+            Some(i64::MIN),
+            Some(i64::MAX),
+            None,
+            Some(0),
+            Some(i64::MIN),
+        ]);
+        let u = U64::from(vec![
+            Some(u64::MAX),
+            Some(0),
+            Some(1 << 63),
+            None,
+            Some(u64::MAX),
+        ]);
+        let batch =
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(i), Arc::new(u)]).expect("batch");
+        let mut out = Vec::new();
+        let props = writer_properties(&schema, 1024, Vec::new());
+        let mut writer = ArrowWriter::try_new(&mut out, schema, Some(props)).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+        let read: Vec<RecordBatch> =
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(out))
+                .expect("reader")
+                .build()
+                .expect("build")
+                .collect::<std::result::Result<_, _>>()
+                .expect("read");
+        assert_eq!(read, vec![batch]);
+    }
+
     #[test]
     fn decimal_stored_floats_are_f64_columns_of_the_table() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -732,7 +793,7 @@ mod tests {
                 .expect("reader");
         assert_eq!(
             builder.schema().field(1).data_type(),
-            &DataType::Decimal128(18, 2)
+            &DataType::Decimal128(9, 2)
         );
         let (_, table_schema) = read_file_meta(&files[0].path, "m").expect("meta");
         assert_eq!(
