@@ -37,9 +37,8 @@ pub const META_COMPACTED_FROM: &str = "damselfly.compacted_from";
 const READ_BATCH_ROWS: usize = 2_048;
 /// Rows per merged output batch handed to the writer.
 const OUTPUT_BATCH_ROWS: usize = 8_192;
-/// Same limits as the flush's decimal floats (see `persist::encode_floats`): 18 digits fit an INT64, and an
-/// unscaled value beyond 2^53 would not convert back to f64 exactly.
-const DECIMAL_PRECISION: u8 = 18;
+/// Same limit as the flush's decimal floats (see `persist::encode_floats`): an unscaled value beyond 2^53 would
+/// not convert back to f64 exactly.
 const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
 const NANOS_PER_HOUR: i64 = 3_600_000_000_000;
 
@@ -151,7 +150,7 @@ pub fn compact(
             Ok(Ok(rows)) => break rows,
             Ok(Err(column)) => {
                 tracing::debug!(column = %column, "a decimal float column does not fit; writing it as f64");
-                plan.drop_column(&column);
+                plan.degrade(&column);
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -397,17 +396,27 @@ fn write_merged(
     Ok(Ok(rows))
 }
 
-/// Which f64 columns the output stores as `DECIMAL(18, s)`, and at which scale.
+/// Which f64 columns the output stores as decimals, at which precision (9: INT32, 18: INT64) and scale.
 #[derive(Debug, Default)]
 struct DecimalPlan {
-    columns: Vec<(String, i8)>,
+    columns: Vec<PlannedDecimal>,
+}
+
+#[derive(Debug, Clone)]
+struct PlannedDecimal {
+    name: String,
+    precision: u8,
+    scale: i8,
 }
 
 impl DecimalPlan {
-    /// A column is planned as a decimal if at least one input stores it so; the scale is the largest of theirs
-    /// (a decimal at scale s is one at any larger scale).
+    /// A column is planned as a decimal if some input stores it so and no input holds it as f64 with values
+    /// (all-null f64 columns do not count: the flush leaves a column without values as f64). The scale is the
+    /// largest of the inputs' (a decimal at scale s is one at any larger scale); the precision is 9 (INT32) if
+    /// every such input used 9, else 18. Each batch is checked anyway (see [`DecimalPlan::apply`]).
     fn from_inputs(schema: &SchemaRef, inputs: &[PathBuf]) -> Result<DecimalPlan> {
         let mut plan = DecimalPlan::default();
+        let mut has_f64_values: Vec<String> = Vec::new();
         for path in inputs {
             let file = File::open(path).map_err(|e| CollectorError::io(path, e))?;
             let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| {
@@ -417,40 +426,62 @@ impl DecimalPlan {
                 }
             })?;
             for field in builder.schema().fields() {
-                let DataType::Decimal128(_, scale) = field.data_type() else {
-                    continue;
-                };
                 let is_float = schema
                     .field_with_name(field.name())
                     .is_ok_and(|f| *f.data_type() == DataType::Float64);
                 if !is_float {
                     continue;
                 }
-                match plan.columns.iter_mut().find(|(n, _)| n == field.name()) {
-                    Some((_, s)) => *s = (*s).max(*scale),
-                    None => plan.columns.push((field.name().clone(), *scale)),
+                match field.data_type() {
+                    DataType::Decimal128(precision, scale) => {
+                        let precision = if *precision <= persist::DECIMAL_PRECISION_INT32 {
+                            persist::DECIMAL_PRECISION_INT32
+                        } else {
+                            persist::DECIMAL_PRECISION_INT64
+                        };
+                        match plan.columns.iter_mut().find(|c| c.name == *field.name()) {
+                            Some(c) => {
+                                c.scale = c.scale.max(*scale);
+                                c.precision = c.precision.max(precision);
+                            }
+                            None => plan.columns.push(PlannedDecimal {
+                                name: field.name().clone(),
+                                precision,
+                                scale: *scale,
+                            }),
+                        }
+                    }
+                    DataType::Float64 if !all_null(builder.metadata(), field.name()) => {
+                        has_f64_values.push(field.name().clone());
+                    }
+                    _ => {}
                 }
             }
         }
+        plan.columns.retain(|c| !has_f64_values.contains(&c.name));
         Ok(plan)
     }
 
-    fn drop_column(&mut self, name: &str) {
-        self.columns.retain(|(n, _)| n != name);
+    /// A column that did not fit: a precision-9 column is widened to 18; an 18 one is written as f64.
+    fn degrade(&mut self, name: &str) {
+        if let Some(c) = self.columns.iter_mut().find(|c| c.name == name)
+            && c.precision < persist::DECIMAL_PRECISION_INT64
+        {
+            c.precision = persist::DECIMAL_PRECISION_INT64;
+            return;
+        }
+        self.columns.retain(|c| c.name != name);
     }
 
-    fn scale_of(&self, name: &str) -> Option<i8> {
-        self.columns
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, s)| *s)
+    fn planned(&self, name: &str) -> Option<&PlannedDecimal> {
+        self.columns.iter().find(|c| c.name == name)
     }
 
     fn metadata(&self) -> Result<Option<String>> {
         if self.columns.is_empty() {
             return Ok(None);
         }
-        let names: Vec<&str> = self.columns.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
         serde_json::to_string(&names)
             .map(Some)
             .map_err(|e| CollectorError::Server(format!("encoding {META_DECIMAL_FLOATS}: {e}")))
@@ -460,10 +491,10 @@ impl DecimalPlan {
         let fields: Vec<_> = schema
             .fields()
             .iter()
-            .map(|f| match self.scale_of(f.name()) {
-                Some(scale) => Arc::new(Field::new(
+            .map(|f| match self.planned(f.name()) {
+                Some(c) => Arc::new(Field::new(
                     f.name(),
-                    DataType::Decimal128(DECIMAL_PRECISION, scale),
+                    DataType::Decimal128(c.precision, c.scale),
                     f.is_nullable(),
                 )),
                 None => f.clone(),
@@ -472,8 +503,8 @@ impl DecimalPlan {
         Arc::new(Schema::new(fields))
     }
 
-    /// The batch with the planned columns as decimals, each checked to read back bit for bit through the cast
-    /// readers use; `Err(column)` names the first that does not.
+    /// The batch with the planned columns as decimals, each checked to fit its precision and to read back bit
+    /// for bit through the cast readers use; `Err(column)` names the first that does not.
     fn apply(
         &self,
         batch: &RecordBatch,
@@ -484,18 +515,23 @@ impl DecimalPlan {
         }
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
         for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-            let Some(scale) = self.scale_of(field.name()) else {
+            let Some(planned) = self.planned(field.name()) else {
                 columns.push(column.clone());
                 continue;
             };
             let Some(values) = column.as_primitive_opt::<Float64Type>() else {
                 return Ok(Err(field.name().clone()));
             };
-            let pow = 10f64.powi(i32::from(scale));
+            let pow = 10f64.powi(i32::from(planned.scale));
+            let limit = if planned.precision <= persist::DECIMAL_PRECISION_INT32 {
+                999_999_999.0
+            } else {
+                MAX_EXACT_INT
+            };
             let fits = (0..values.len()).all(|i| {
                 values.is_null(i) || {
                     let v = values.value(i);
-                    v.is_finite() && (v * pow).round().abs() <= MAX_EXACT_INT
+                    v.is_finite() && (v * pow).round().abs() <= limit
                 }
             });
             if !fits {
@@ -503,7 +539,7 @@ impl DecimalPlan {
             }
             let decimal: Decimal128Array = values
                 .unary::<_, arrow::datatypes::Decimal128Type>(|v| (v * pow).round() as i128)
-                .with_precision_and_scale(DECIMAL_PRECISION, scale)?;
+                .with_precision_and_scale(planned.precision, planned.scale)?;
             let back = cast(&decimal, &DataType::Float64)?;
             let back = back.as_primitive::<Float64Type>();
             let exact = (0..values.len())
@@ -515,6 +551,26 @@ impl DecimalPlan {
         }
         Ok(Ok(RecordBatch::try_new(stored_schema.clone(), columns)?))
     }
+}
+
+/// Whether the footer's statistics say every value of this top-level column is null (no statistics: not known,
+/// so `false`).
+fn all_null(meta: &parquet::file::metadata::ParquetMetaData, column: &str) -> bool {
+    let Some(index) = meta
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == [column.to_string()])
+    else {
+        return false;
+    };
+    meta.row_groups().iter().all(|rg| {
+        rg.column(index)
+            .statistics()
+            .and_then(|s| s.null_count_opt())
+            .is_some_and(|nulls| nulls == rg.num_rows() as u64)
+    })
 }
 
 /// A k-way merge of Parquet files that are each sorted by (tags in schema order, time), read a few thousand rows
@@ -850,7 +906,8 @@ mod tests {
         }
         let unsorted = write(dir.path(), "u.parquet", &[("a", 5, 0.0), ("a", 3, 0.0)]);
         for read_rows in [1, 10] {
-            let err = merged(&[unsorted.clone()], read_rows, 10).expect_err("unsorted input");
+            let err =
+                merged(std::slice::from_ref(&unsorted), read_rows, 10).expect_err("unsorted input");
             assert!(err.to_string().contains("not sorted"), "{err}");
         }
     }

@@ -508,6 +508,7 @@ mod tests {
     use crate::query::QueryEngine;
     use crate::retention::RetentionPeriod;
     use crate::store::WriteOutcome;
+    use arrow::datatypes::DataType;
     use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
     use serde_json::{Value as Json, json};
 
@@ -634,6 +635,19 @@ mod tests {
             .expect("read")
     }
 
+    /// The Arrow type a file stores a column as.
+    fn stored_type(path: &std::path::Path, column: &str) -> DataType {
+        let file = std::fs::File::open(path).expect("open");
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("reader");
+        builder
+            .schema()
+            .field_with_name(column)
+            .expect("column")
+            .data_type()
+            .clone()
+    }
+
     fn kv(path: &std::path::Path, key: &str) -> Option<String> {
         let file = std::fs::File::open(path).expect("open");
         let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
@@ -696,11 +710,12 @@ mod tests {
             kv(&out.path, crate::persist::META_WAL_SEQ),
             Some(max_seq.to_string())
         );
-        // Every input stored `v` as decimals, so the output does too (at the largest scale).
+        // Every input stored `v` as small decimals, so the output does too: INT32, at the largest scale.
         assert_eq!(
             kv(&out.path, crate::persist::META_DECIMAL_FLOATS).as_deref(),
             Some("[\"v\"]")
         );
+        assert_eq!(stored_type(&out.path, "v"), DataType::Decimal128(9, 2));
 
         // Storage order: host, zone (tags in schema order, nulls first), then time.
         let batches = read_file(&out.path);
@@ -797,6 +812,35 @@ mod tests {
                 (-0.0f64).to_bits()
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn decimals_widen_to_int64_when_the_common_scale_outgrows_int32() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = Harness::open(&config(dir.path()));
+        let t = hour_start(2);
+        h.flush(vec![cpu("a", t, 9_999_999.99)]).await;
+        h.flush(vec![cpu("a", t + SEC, 0.001)]).await;
+        let inputs = h.files("cpu");
+        assert_eq!(
+            stored_type(&inputs[0].path, "v"),
+            DataType::Decimal128(9, 2)
+        );
+        assert_eq!(
+            stored_type(&inputs[1].path, "v"),
+            DataType::Decimal128(9, 3)
+        );
+        let report = h.maintenance.run_pass().await;
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let files = h.files("cpu");
+        assert_eq!(files.len(), 1);
+        // 9,999,999.990 has 10 digits at scale 3: INT64.
+        assert_eq!(
+            stored_type(&files[0].path, "v"),
+            DataType::Decimal128(18, 3)
+        );
+        let rows = h.sql("SELECT v FROM cpu ORDER BY time").await;
+        assert_eq!(rows, vec![json!({"v": 9_999_999.99}), json!({"v": 0.001})]);
     }
 
     #[tokio::test]
