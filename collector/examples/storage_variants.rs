@@ -84,7 +84,12 @@ fn variants() -> Vec<Variant> {
         Variant {
             name: "  no bloom filters",
             floats: Floats::DecimalWhereExact,
-            tune: |b, _| b.set_bloom_filter_enabled(false),
+            tune: |mut b, s| {
+                for c in columns_of(s, |t| *t == tag_data_type()) {
+                    b = b.set_column_bloom_filter_enabled(c, false);
+                }
+                b
+            },
         },
         Variant {
             name: "  pages of 100k rows (default 20k)",
@@ -139,21 +144,33 @@ fn variants() -> Vec<Variant> {
             tune: |b, _| b,
         },
         Variant {
-            name: "floats as f64: BYTE_STREAM_SPLIT",
-            floats: Floats::F64,
-            tune: |b, _| b,
+            name: "  other floats: BYTE_STREAM_SPLIT instead of dictionary",
+            floats: Floats::DecimalWhereExact,
+            tune: |mut b, s| {
+                for c in columns_of(s, |t| *t == DataType::Float64) {
+                    b = b
+                        .set_column_dictionary_enabled(c.clone(), false)
+                        .set_column_encoding(c, Encoding::BYTE_STREAM_SPLIT);
+                }
+                b
+            },
         },
         Variant {
-            name: "floats as f64: dictionary, then PLAIN",
+            name: "floats as f64: BYTE_STREAM_SPLIT",
             floats: Floats::F64,
             tune: |mut b, s| {
                 for c in columns_of(s, |t| *t == DataType::Float64) {
                     b = b
-                        .set_column_dictionary_enabled(c.clone(), true)
-                        .set_column_encoding(c, Encoding::PLAIN);
+                        .set_column_dictionary_enabled(c.clone(), false)
+                        .set_column_encoding(c, Encoding::BYTE_STREAM_SPLIT);
                 }
                 b
             },
+        },
+        Variant {
+            name: "floats as f64: dictionary, then PLAIN",
+            floats: Floats::F64,
+            tune: |b, _| b,
         },
         Variant {
             name: "floats as f64: PLAIN",
@@ -218,7 +235,7 @@ fn write(batch: &RecordBatch, variant: &Variant, row_group_rows: usize) -> Resul
         Floats::F64 => batch.clone(),
     };
     let schema = stored.schema();
-    let base = persist::writer_properties(&schema, row_group_rows, Vec::new());
+    let base = persist::file_properties(&stored, row_group_rows, Vec::new());
     let props: WriterProperties = (variant.tune)(base.into_builder(), &schema).build();
     let mut out = Vec::new();
     let mut writer =

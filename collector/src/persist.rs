@@ -174,8 +174,10 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 /// Writer settings for time-series tables, chosen per column from the *stored* Arrow schema (after
 /// [`encode_floats`]): the time column, decimal-stored floats and integers are delta-encoded (sorted series make
 /// their deltas small); tags are dictionary-encoded with a bloom filter (tag equality skips row groups whose
-/// min/max cannot exclude the value); f64 columns that are not decimals use BYTE_STREAM_SPLIT, which lets zstd
-/// find the repeated sign/exponent bytes. Page statistics and the page index are on; the sort order is recorded.
+/// min/max cannot exclude the value); f64 columns that are not decimals keep dictionary encoding (falling back to
+/// PLAIN): real agent floats such as CPU percentages are ratios of small counts that repeat, and measured smaller
+/// that way than with BYTE_STREAM_SPLIT (benches/RESULTS.md). Page statistics and the page index are on; the sort
+/// order is recorded.
 pub fn writer_properties(
     schema: &SchemaRef,
     row_group_rows: usize,
@@ -206,9 +208,6 @@ pub fn writer_properties(
                     .set_column_bloom_filter_max_ndv(column, row_group_rows as u64)
             }
             DataType::Decimal128(..) | DataType::Int64 | DataType::UInt64 => delta(builder),
-            DataType::Float64 => builder
-                .set_column_dictionary_enabled(column.clone(), false)
-                .set_column_encoding(column, Encoding::BYTE_STREAM_SPLIT),
             _ => builder,
         };
     }
@@ -225,6 +224,51 @@ pub fn writer_properties(
         })
         .collect();
     builder.set_sorting_columns(Some(sorting)).build()
+}
+
+/// [`writer_properties`] for a file whose rows are all known (`stored`, after [`encode_floats`]): also drops the
+/// bloom filters that cannot help (see [`without_useless_blooms`]).
+pub fn file_properties(
+    stored: &RecordBatch,
+    row_group_rows: usize,
+    kv: Vec<KeyValue>,
+) -> WriterProperties {
+    without_useless_blooms(
+        writer_properties(&stored.schema(), row_group_rows, kv),
+        stored,
+    )
+}
+
+/// Drops the bloom filter of tag columns holding at most one distinct value in this file: min/max statistics
+/// already answer equality exactly there, and single-valued identity tags (`ns_id`, `csp`, ...) are common in
+/// small files, where the filters' bytes show (3.6 % of real agent data, benches/RESULTS.md).
+fn without_useless_blooms(props: WriterProperties, batch: &RecordBatch) -> WriterProperties {
+    let mut builder = None;
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if *field.data_type() != tag_data_type() {
+            continue;
+        }
+        let Some(dict) = column
+            .as_dictionary_opt::<arrow::datatypes::Int32Type>()
+            .and_then(|d| d.downcast_dict::<arrow::array::StringArray>())
+        else {
+            continue;
+        };
+        let mut values = dict.into_iter().flatten();
+        let single = match values.next() {
+            Some(first) => values.all(|v| v == first),
+            None => true,
+        };
+        if single {
+            let b = builder
+                .take()
+                .unwrap_or_else(|| props.clone().into_builder());
+            builder = Some(
+                b.set_column_bloom_filter_enabled(ColumnPath::from(field.name().as_str()), false),
+            );
+        }
+    }
+    builder.map_or(props, |b| b.build())
 }
 
 /// Stores float columns as decimals where that is lossless: when every non-null value of a Float64 column is
@@ -457,7 +501,7 @@ fn write_file(
             })?;
         kv.push(KeyValue::new(META_DECIMAL_FLOATS.to_string(), names));
     }
-    let props = writer_properties(&stored.schema(), row_group_rows, kv);
+    let props = file_properties(&stored, row_group_rows, kv);
     let parquet_err = |e: parquet::errors::ParquetError| CollectorError::Parquet {
         path: tmp.clone(),
         message: e.to_string(),
