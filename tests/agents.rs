@@ -179,6 +179,7 @@ fn registration_heartbeats_status_cli_and_restart() {
         let mut ingest = IngestClient::connect(grpc.clone()).await.unwrap();
         let ack = ingest
             .write(WriteBatch {
+                chunks: Vec::new(),
                 agent_id: "agent-batch".into(),
                 seq: 1,
                 common_tags: vec![tag("vm_id", "vm-3")],

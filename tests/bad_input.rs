@@ -102,6 +102,7 @@ fn simple_point(measurement: &str, host: &str, v: f64, time: i64) -> Point {
 
 fn batch(agent_id: &str, seq: u64, points: Vec<Point>) -> WriteBatch {
     WriteBatch {
+        chunks: Vec::new(),
         agent_id: agent_id.into(),
         seq,
         common_tags: vec![],

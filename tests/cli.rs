@@ -49,6 +49,7 @@ fn seeded_collector() -> Seeded {
         })
         .collect();
     let batch = WriteBatch {
+        chunks: Vec::new(),
         agent_id: "cli-test".into(),
         seq: 1,
         common_tags: vec![],

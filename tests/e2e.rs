@@ -402,6 +402,7 @@ async fn schema_grows_across_parquet_files_and_buffer() {
     let mut client = IngestClient::connect(collector.grpc.clone()).await.unwrap();
     let t0 = 1_700_000_000_000_000_000i64;
     let first = WriteBatch {
+        chunks: Vec::new(),
         agent_id: "schema-test".into(),
         seq: 1,
         common_tags: vec![],
@@ -437,6 +438,7 @@ async fn schema_grows_across_parquet_files_and_buffer() {
     });
     let ack = client
         .write(WriteBatch {
+            chunks: Vec::new(),
             agent_id: "schema-test".into(),
             seq: 2,
             common_tags: vec![],

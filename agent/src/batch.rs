@@ -1,6 +1,8 @@
 //! Turns one round of points into `WriteBatch`es: the identity tags go once into `common_tags`, points are split at
-//! `batch_max_points`, and every batch gets the next sequence number.
+//! `batch_max_points`, every batch gets the next sequence number, and its rows go as columnar chunks (tags once per
+//! series, values packed: several times smaller on the wire and in the spool, and the collector's fast path).
 
+use damselfly_proto::columnar::points_to_chunks;
 use damselfly_proto::v1::{Point, Tag, WriteBatch};
 
 use crate::seq::SeqAllocator;
@@ -36,11 +38,20 @@ impl Batcher {
         let mut out = Vec::with_capacity(points.len().div_ceil(self.max_points));
         while !points.is_empty() {
             let rest = points.split_off(points.len().min(self.max_points));
+            // Probes give every field one type, so conversion only fails on a bug; then send the points as they are.
+            let (batch_points, chunks) = match points_to_chunks(&points) {
+                Ok(chunks) => (Vec::new(), chunks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sending points row by row");
+                    (points, Vec::new())
+                }
+            };
             out.push(WriteBatch {
+                chunks,
                 agent_id: self.agent_id.clone(),
                 seq: self.seq.next_seq(),
                 common_tags: self.common_tags.clone(),
-                points,
+                points: batch_points,
             });
             points = rest;
         }
@@ -51,6 +62,7 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use damselfly_proto::columnar::batch_rows;
 
     fn pts(n: usize) -> Vec<Point> {
         (0..n)
@@ -70,12 +82,12 @@ mod tests {
         }];
         let mut b = Batcher::new("a1".into(), tags.clone(), 3, SeqAllocator::starting_at(1));
         let batches = b.batches(pts(7));
-        let sizes: Vec<usize> = batches.iter().map(|b| b.points.len()).collect();
+        let sizes: Vec<usize> = batches.iter().map(batch_rows).collect();
         assert_eq!(sizes, [3, 3, 1]);
         let names: Vec<&str> = batches
             .iter()
-            .flat_map(|b| &b.points)
-            .map(|p| p.measurement.as_str())
+            .flat_map(|b| &b.chunks)
+            .map(|c| c.measurement.as_str())
             .collect();
         assert_eq!(names, ["m0", "m1", "m2", "m3", "m4", "m5", "m6"]);
         assert!(
@@ -89,7 +101,7 @@ mod tests {
         let next = b.batches(pts(6));
         assert_eq!(
             next.iter()
-                .map(|b| (b.seq, b.points.len()))
+                .map(|b| (b.seq, batch_rows(b)))
                 .collect::<Vec<_>>(),
             [(4, 3), (5, 3)]
         );

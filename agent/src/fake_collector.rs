@@ -103,7 +103,7 @@ impl FakeCollector {
                 ..Ack::default()
             });
         }
-        let points = batch.points.len() as u64;
+        let points = damselfly_proto::columnar::batch_rows(&batch) as u64;
         s.stored.insert(seq, batch);
         if s.drop_after == Some(n_on_stream) {
             s.drop_after = None;

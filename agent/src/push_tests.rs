@@ -27,6 +27,7 @@ fn settings(addr: SocketAddr) -> PushSettings {
 
 fn batches(seqs: std::ops::RangeInclusive<u64>) -> Vec<WriteBatch> {
     seqs.map(|seq| WriteBatch {
+        chunks: Vec::new(),
         agent_id: "agent-test".into(),
         seq,
         common_tags: Vec::new(),
@@ -289,7 +290,8 @@ async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
     let mut measurements = std::collections::BTreeSet::new();
     for b in s.stored.values() {
         assert_eq!(b.agent_id, agent_id);
-        assert!(!b.points.is_empty() && b.points.len() <= 7);
+        let rows = damselfly_proto::columnar::batch_rows(b);
+        assert!(rows > 0 && rows <= 7);
         let keys: Vec<&str> = b.common_tags.iter().map(|t| t.key.as_str()).collect();
         assert_eq!(keys, config::IDENTITY_TAG_KEYS);
         assert!(
@@ -297,7 +299,7 @@ async fn run_pushes_rounds_with_identity_and_flushes_on_shutdown() {
                 .iter()
                 .any(|t| t.key == "region" && t.value == "ap-northeast-2")
         );
-        measurements.extend(b.points.iter().map(|p| p.measurement.clone()));
+        measurements.extend(b.chunks.iter().map(|c| c.measurement.clone()));
     }
     for m in crate::probes::MEASUREMENTS {
         assert!(measurements.contains(m), "{m} missing: {measurements:?}");

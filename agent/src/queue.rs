@@ -170,7 +170,7 @@ impl BatchQueue for MemoryQueue {
         let mut dropped = Dropped::default();
         for b in self.batches.drain(..excess).collect::<Vec<_>>() {
             self.forget(&b);
-            dropped.add(b.seq, b.points.len() as u64);
+            dropped.add(b.seq, damselfly_proto::columnar::batch_rows(&b) as u64);
         }
         self.dropped += dropped.batches;
         dropped
@@ -250,6 +250,7 @@ mod tests {
 
     fn b(seq: u64) -> WriteBatch {
         WriteBatch {
+            chunks: Vec::new(),
             agent_id: "a".into(),
             seq,
             ..WriteBatch::default()

@@ -751,6 +751,7 @@ mod tests {
 
     fn batch(seq: u64) -> WriteBatch {
         WriteBatch {
+            chunks: Vec::new(),
             agent_id: "a1".into(),
             seq,
             common_tags: vec![tag("agent_id", "a1")],

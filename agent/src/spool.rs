@@ -285,7 +285,9 @@ impl DiskSpool {
                         segment: id,
                         offset: pos as u64,
                         len: (consumed - HEADER_BYTES) as u32,
-                        points: batch.points.len().try_into().unwrap_or(u32::MAX),
+                        points: damselfly_proto::columnar::batch_rows(&batch)
+                            .try_into()
+                            .unwrap_or(u32::MAX),
                     },
                 );
                 seg.live += 1;
@@ -542,7 +544,7 @@ impl BatchQueue for DiskSpool {
     fn push(&mut self, batch: WriteBatch) -> Dropped {
         let mut dropped = self.take_unreadable();
         let seq = batch.seq;
-        let points = batch.points.len() as u64;
+        let points = damselfly_proto::columnar::batch_rows(&batch) as u64;
         if seq <= self.last_seq {
             // The seq allocator is moved above the spool at start-up, so this is a bug; do not break the order.
             tracing::error!(
@@ -787,6 +789,7 @@ mod tests {
     /// A batch with `n` points of ~`pad` bytes each, time = seq * 1000.
     fn batch(seq: u64, n: usize, pad: usize) -> WriteBatch {
         WriteBatch {
+            chunks: Vec::new(),
             agent_id: "agent-1".into(),
             seq,
             common_tags: Vec::new(),

@@ -59,6 +59,9 @@ struct Args {
     /// Run id in agent ids (`loadgen-<run>-<i>`); default: random. Reusing one makes the collector answer DUPLICATE.
     #[arg(long)]
     run_id: Option<String>,
+    /// Send columnar chunks (`WriteBatch.chunks`, the native fast encoding) instead of one `Point` per row.
+    #[arg(long)]
+    columnar: bool,
     /// Tokio worker threads (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -157,7 +160,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.agents {
-        let point_gen = PointGen::new(&run_id, i, args.points_per_batch);
+        let point_gen = PointGen::new(&run_id, i, args.points_per_batch).columnar(args.columnar);
         let channel = channels[i % channels.len()].clone();
         tasks.spawn(run_agent(i, point_gen, channel, plan.clone(), live.clone()));
     }
@@ -322,6 +325,10 @@ impl Summary {
         self.window.points_stored as f64 / self.measured_s
     }
 
+    fn values_per_sec(&self) -> f64 {
+        self.window.values_stored as f64 / self.measured_s
+    }
+
     fn quantile(&self, q: f64) -> u64 {
         if self.latency.is_empty() {
             0
@@ -340,7 +347,7 @@ impl Summary {
             "== damselfly-loadgen run {run}: {agents} agents / {conns} connection(s) -> {url}, {ppb} points/batch, \
              in-flight {inf}, {interval}\n\
              measured {secs:.1} s (after {warm} s warm-up):\n\
-             \x20 throughput  {bps:>12.1} batches/s  {pps:>14.1} points/s (acknowledged STORED)\n\
+             \x20 throughput  {bps:>12.1} batches/s  {pps:>14.1} points/s  {vps:>14.1} values/s (acknowledged STORED)\n\
              \x20 ack latency µs  p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}  (mean {mean:.0}, {n} acks)\n\
              \x20 in window   retry {wr}  rejected {wj}  duplicate {wd}  stream errors {we}  missed ticks {wm}\n\
              whole run (warm-up and drain included):\n\
@@ -357,6 +364,7 @@ impl Summary {
             warm = self.warmup_s,
             bps = self.batches_per_sec(),
             pps = self.points_per_sec(),
+            vps = self.values_per_sec(),
             p50 = self.quantile(0.5),
             p90 = self.quantile(0.9),
             p99 = self.quantile(0.99),
@@ -395,6 +403,7 @@ impl Summary {
                 "batches_stored": c.batches_stored,
                 "points_stored": c.points_stored,
                 "cpu_points_stored": c.cpu_points_stored,
+                "values_stored": c.values_stored,
                 "batches_duplicate": c.batches_duplicate,
                 "points_duplicate": c.points_duplicate,
                 "cpu_points_duplicate": c.cpu_points_duplicate,
@@ -422,6 +431,7 @@ impl Summary {
             "measured_s": self.measured_s,
             "batches_per_sec": self.batches_per_sec(),
             "points_per_sec": self.points_per_sec(),
+            "values_per_sec": self.values_per_sec(),
             "latency_us": {
                 "p50": self.quantile(0.5),
                 "p90": self.quantile(0.9),

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use arrow::datatypes::{Field as ArrowField, Schema, SchemaRef};
 use damselfly_proto::v1::WriteBatch;
 
-use crate::model::{ColumnKind, FieldType, TIME_COLUMN, tag_data_type, time_data_type};
+use crate::model::{
+    ColumnKind, FieldType, TIME_COLUMN, chunk_common_tags, tag_data_type, time_data_type,
+};
 
 /// One table's columns.
 #[derive(Debug, Clone, Default)]
@@ -126,19 +128,8 @@ impl Catalog {
     /// Records every column of an already-checked batch. A conflict here (possible only when replaying a WAL
     /// against files that disagree) is returned so the caller can skip the batch loudly.
     pub fn apply_batch(&mut self, batch: &WriteBatch) -> Result<(), SchemaConflict> {
-        for point in &batch.points {
-            for tag in batch.common_tags.iter().chain(point.tags.iter()) {
-                self.add_column(&point.measurement, &tag.key, ColumnKind::Tag)?;
-            }
-            for field in &point.fields {
-                if let Some(value) = &field.value {
-                    self.add_column(
-                        &point.measurement,
-                        &field.key,
-                        ColumnKind::Field(FieldType::of(value)),
-                    )?;
-                }
-            }
+        for (table, column, kind) in batch_columns(batch) {
+            self.add_column(table, column, kind)?;
         }
         Ok(())
     }
@@ -182,20 +173,29 @@ impl Catalog {
                     }
                 }
             };
-        for point in &batch.points {
-            let table = point.measurement.as_str();
-            for tag in batch.common_tags.iter().chain(point.tags.iter()) {
-                check(table, &tag.key, ColumnKind::Tag)?;
-            }
-            for field in &point.fields {
-                if let Some(value) = &field.value {
-                    check(table, &field.key, ColumnKind::Field(FieldType::of(value)))?;
-                }
-            }
+        for (table, column, kind) in batch_columns(batch) {
+            check(table, column, kind)?;
         }
         overlay.extend(added);
         Ok(())
     }
+}
+
+/// Every (table, column, kind) a normalized batch (rows in chunks, see `model::normalize`) writes, common tags
+/// included. Column names repeat across chunks of one table; callers dedupe through the catalog.
+fn batch_columns(batch: &WriteBatch) -> impl Iterator<Item = (&str, &str, ColumnKind)> {
+    batch.chunks.iter().flat_map(move |chunk| {
+        let table = chunk.measurement.as_str();
+        let tags = chunk_common_tags(chunk, &batch.common_tags)
+            .map(|t| t.key.as_str())
+            .chain(chunk.tag_keys.iter().map(String::as_str))
+            .map(move |name| (table, name, ColumnKind::Tag));
+        let fields = chunk.fields.iter().filter_map(move |column| {
+            let kind = FieldType::of_column(column)?;
+            Some((table, column.key.as_str(), ColumnKind::Field(kind)))
+        });
+        tags.chain(fields)
+    })
 }
 
 #[cfg(test)]
@@ -204,7 +204,8 @@ mod tests {
     use damselfly_proto::v1::{Field, Point, Tag, field::Value};
 
     fn batch(field_value: Value, tag: &str) -> WriteBatch {
-        WriteBatch {
+        let mut b = WriteBatch {
+            chunks: Vec::new(),
             agent_id: "a".into(),
             seq: 1,
             common_tags: vec![Tag {
@@ -223,7 +224,9 @@ mod tests {
                 }],
                 time_unix_nano: 1,
             }],
-        }
+        };
+        crate::model::normalize(&mut b).expect("normalize");
+        b
     }
 
     #[test]

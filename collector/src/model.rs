@@ -4,7 +4,8 @@
 use std::fmt;
 
 use arrow::datatypes::{DataType, TimeUnit};
-use damselfly_proto::v1::{Point, WriteBatch, field::Value};
+use damselfly_proto::columnar::{self, batch_rows, chunk_rows, column_len, column_type_name};
+use damselfly_proto::v1::{Point, TableChunk, Tag, WriteBatch, field::Value};
 
 /// Name of the timestamp column in every table.
 pub const TIME_COLUMN: &str = "time";
@@ -48,6 +49,17 @@ impl FieldType {
             Value::Bool(_) => FieldType::Bool,
             Value::Str(_) => FieldType::Str,
         }
+    }
+
+    /// The type of a validated columnar field (see `columnar::column_type_name`).
+    pub fn of_column(column: &damselfly_proto::v1::FieldColumn) -> Option<FieldType> {
+        Some(match column_type_name(column)? {
+            "float" => FieldType::F64,
+            "integer" => FieldType::I64,
+            "unsigned" => FieldType::U64,
+            "boolean" => FieldType::Bool,
+            _ => FieldType::Str,
+        })
     }
 
     pub fn data_type(self) -> DataType {
@@ -118,13 +130,13 @@ pub fn validate_batch(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inv
     if batch.seq == 0 {
         return Err(InvalidBatch("seq must be at least 1".into()));
     }
-    if batch.points.is_empty() {
+    let rows = batch_rows(batch);
+    if rows == 0 {
         return Err(InvalidBatch("batch has no points".into()));
     }
-    if batch.points.len() > limits.max_points {
+    if rows > limits.max_points {
         return Err(InvalidBatch(format!(
-            "batch has {} points; the limit is {}",
-            batch.points.len(),
+            "batch has {rows} points; the limit is {}",
             limits.max_points
         )));
     }
@@ -155,6 +167,171 @@ pub fn validate_batch(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inv
                     point.measurement, tag.key
                 )));
             }
+        }
+    }
+    for (i, chunk) in batch.chunks.iter().enumerate() {
+        validate_chunk(chunk, &batch.common_tags).map_err(|m| {
+            InvalidBatch(format!(
+                "chunk {i} (measurement {:?}): {m}",
+                truncate(&chunk.measurement, 64)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Validates a batch and brings it to the one shape the WAL, the catalog and the buffer handle: every row in
+/// `chunks`, none in `points`.
+pub fn prepare_batch(
+    mut batch: WriteBatch,
+    limits: BatchLimits,
+) -> Result<WriteBatch, InvalidBatch> {
+    validate_batch(&batch, limits)?;
+    normalize(&mut batch)?;
+    Ok(batch)
+}
+
+/// Moves a (validated) batch's points into columnar chunks. Batches in the WAL from before chunks existed go through
+/// this on replay too.
+pub fn normalize(batch: &mut WriteBatch) -> Result<(), InvalidBatch> {
+    if batch.points.is_empty() {
+        return Ok(());
+    }
+    let chunks =
+        columnar::points_to_chunks(&batch.points).map_err(|e| InvalidBatch(e.to_string()))?;
+    batch.points.clear();
+    batch.chunks.extend(chunks);
+    Ok(())
+}
+
+/// The tags of a chunk's rows: the batch's common tags not overridden by the chunk's own, then the chunk's.
+pub fn chunk_common_tags<'a>(
+    chunk: &'a TableChunk,
+    common_tags: &'a [Tag],
+) -> impl Iterator<Item = &'a Tag> + 'a {
+    common_tags
+        .iter()
+        .filter(move |c| !chunk.tag_keys.contains(&c.key))
+}
+
+fn validate_chunk(chunk: &TableChunk, common_tags: &[Tag]) -> Result<(), String> {
+    check_measurement(&chunk.measurement)?;
+    let rows = chunk_rows(chunk);
+    if rows == 0 {
+        return Err("no rows (time_unix_nano is empty)".into());
+    }
+    if chunk.fields.is_empty() {
+        return Err("no field columns".into());
+    }
+    for (i, key) in chunk.tag_keys.iter().enumerate() {
+        check_name("tag", key)?;
+        if chunk.tag_keys[..i].contains(key) {
+            return Err(format!("tag {key:?} appears twice"));
+        }
+    }
+    for (i, series) in chunk.series.iter().enumerate() {
+        if series.tag_values.len() != chunk.tag_keys.len() {
+            return Err(format!(
+                "series {i} has {} tag values for {} tag names",
+                series.tag_values.len(),
+                chunk.tag_keys.len()
+            ));
+        }
+        for (key, value) in chunk.tag_keys.iter().zip(&series.tag_values) {
+            check_tag(key, value)?;
+        }
+    }
+    if chunk.series.is_empty() && !chunk.tag_keys.is_empty() {
+        return Err("tag names are given but no series".into());
+    }
+    if chunk.series_index.is_empty() {
+        if chunk.series.len() > 1 {
+            return Err(format!(
+                "series_index is empty but there are {} series",
+                chunk.series.len()
+            ));
+        }
+    } else {
+        if chunk.series_index.len() != rows {
+            return Err(format!(
+                "series_index has {} entries for {rows} rows",
+                chunk.series_index.len()
+            ));
+        }
+        let series = chunk.series.len();
+        if let Some((row, index)) = chunk
+            .series_index
+            .iter()
+            .enumerate()
+            .find(|(_, i)| **i as usize >= series)
+        {
+            return Err(format!(
+                "row {row} refers to series {index} but there are {series}"
+            ));
+        }
+    }
+    if let Some((row, t)) = chunk
+        .time_unix_nano
+        .iter()
+        .enumerate()
+        .find(|(_, t)| **t < 0)
+    {
+        return Err(format!(
+            "row {row}: timestamp {t} is before 1970-01-01T00:00:00Z"
+        ));
+    }
+    for (i, column) in chunk.fields.iter().enumerate() {
+        let key = &column.key;
+        check_name("field", key)?;
+        if chunk.fields[..i].iter().any(|f| &f.key == key) {
+            return Err(format!("field {key:?} appears twice"));
+        }
+        if chunk.tag_keys.contains(key) {
+            return Err(format!("{key:?} is both a tag and a field"));
+        }
+        if common_tags.iter().any(|t| &t.key == key) {
+            return Err(format!("{key:?} is both a common tag and a field"));
+        }
+        if column_type_name(column).is_none() {
+            return Err(format!(
+                "field {key:?} must have values in exactly one of f64, i64, u64, bool, str"
+            ));
+        }
+        let values = column_len(column);
+        if column.present.is_empty() {
+            if values != rows {
+                return Err(format!(
+                    "field {key:?} has {values} values for {rows} rows and no presence bitmap"
+                ));
+            }
+        } else {
+            if column.present.len() != rows.div_ceil(8) {
+                return Err(format!(
+                    "field {key:?} presence bitmap has {} bytes; {rows} rows need {}",
+                    column.present.len(),
+                    rows.div_ceil(8)
+                ));
+            }
+            let mut set = column
+                .present
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>();
+            if !rows.is_multiple_of(8) {
+                let last = column.present[rows / 8];
+                set -= (last >> (rows % 8)).count_ones() as usize;
+            }
+            if set != values {
+                return Err(format!(
+                    "field {key:?} has {values} values but its presence bitmap marks {set} rows"
+                ));
+            }
+        }
+        if let Some(s) = column.str.iter().find(|s| s.len() > MAX_STRING_FIELD_BYTES) {
+            return Err(format!(
+                "string field {key:?} has a value of {} bytes; the limit is {MAX_STRING_FIELD_BYTES}",
+                s.len()
+            ));
         }
     }
     Ok(())
@@ -316,6 +493,7 @@ mod tests {
 
     fn batch(points: Vec<Point>) -> WriteBatch {
         WriteBatch {
+            chunks: Vec::new(),
             agent_id: "a1".into(),
             seq: 1,
             common_tags: vec![],
@@ -342,6 +520,7 @@ mod tests {
             ),
             (
                 WriteBatch {
+                    chunks: Vec::new(),
                     seq: 0,
                     ..batch(vec![point("cpu")])
                 },
@@ -364,5 +543,122 @@ mod tests {
         p.fields[0].key = "time".into();
         let err = validate_batch(&batch(vec![p]), LIMITS).expect_err("reserved");
         assert!(err.0.contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn chunks_are_checked_column_by_column() {
+        use damselfly_proto::v1::{FieldColumn, Series, TableChunk};
+        let good = || TableChunk {
+            measurement: "cpu".into(),
+            tag_keys: vec!["cpu".into()],
+            series: vec![Series {
+                tag_values: vec!["cpu0".into()],
+            }],
+            series_index: vec![],
+            time_unix_nano: vec![1, 2, 3],
+            fields: vec![FieldColumn {
+                key: "u".into(),
+                f64: vec![1.0, 2.0],
+                present: vec![0b101],
+                ..Default::default()
+            }],
+        };
+        let with = |chunk: TableChunk| WriteBatch {
+            chunks: vec![chunk],
+            ..batch(vec![])
+        };
+        assert_eq!(validate_batch(&with(good()), LIMITS), Ok(()));
+        let cases: Vec<(TableChunk, &str)> = vec![
+            (
+                TableChunk {
+                    series_index: vec![0, 1, 0],
+                    ..good()
+                },
+                "row 1 refers to series 1 but there are 1",
+            ),
+            (
+                TableChunk {
+                    series_index: vec![0],
+                    ..good()
+                },
+                "series_index has 1 entries for 3 rows",
+            ),
+            (
+                TableChunk {
+                    time_unix_nano: vec![1, -5, 3],
+                    ..good()
+                },
+                "row 1: timestamp -5 is before 1970",
+            ),
+            (
+                TableChunk {
+                    series: vec![Series { tag_values: vec![] }],
+                    ..good()
+                },
+                "series 0 has 0 tag values for 1 tag names",
+            ),
+            (
+                TableChunk {
+                    fields: vec![FieldColumn {
+                        key: "u".into(),
+                        f64: vec![1.0],
+                        i64: vec![1],
+                        ..Default::default()
+                    }],
+                    ..good()
+                },
+                "exactly one of f64",
+            ),
+            (
+                TableChunk {
+                    fields: vec![FieldColumn {
+                        key: "u".into(),
+                        f64: vec![1.0, 2.0],
+                        present: vec![0b111],
+                        ..Default::default()
+                    }],
+                    ..good()
+                },
+                "has 2 values but its presence bitmap marks 3 rows",
+            ),
+            (
+                TableChunk {
+                    fields: vec![FieldColumn {
+                        key: "u".into(),
+                        f64: vec![1.0, 2.0],
+                        ..Default::default()
+                    }],
+                    ..good()
+                },
+                "has 2 values for 3 rows",
+            ),
+            (
+                TableChunk {
+                    fields: vec![FieldColumn {
+                        key: "cpu".into(),
+                        f64: vec![1.0, 2.0, 3.0],
+                        ..Default::default()
+                    }],
+                    ..good()
+                },
+                "is both a tag and a field",
+            ),
+        ];
+        for (chunk, want) in cases {
+            let err = validate_batch(&with(chunk), LIMITS).expect_err(want);
+            assert!(err.0.contains(want), "{err} should contain {want}");
+            assert!(err.0.starts_with("chunk 0 (measurement \"cpu\")"), "{err}");
+        }
+        let too_many = TableChunk {
+            time_unix_nano: vec![1; 11],
+            fields: vec![FieldColumn {
+                key: "u".into(),
+                f64: vec![1.0; 11],
+                ..Default::default()
+            }],
+            ..good()
+        };
+        let err = validate_batch(&with(too_many), LIMITS).expect_err("limit");
+        assert!(err.0.contains("11 points; the limit is 10"), "{err}");
     }
 }

@@ -653,12 +653,14 @@ mod tests {
                 time_unix_nano: t,
             });
         }
-        let batch = WriteBatch {
+        let mut batch = WriteBatch {
+            chunks: Vec::new(),
             agent_id: "x".into(),
             seq: 1,
             common_tags: vec![],
             points,
         };
+        crate::model::normalize(&mut batch).expect("normalize");
         let mut catalog = Catalog::default();
         catalog
             .check_batch(&batch, &mut Default::default())

@@ -24,7 +24,7 @@ use crate::catalog::{Catalog, TableSchema};
 use crate::config::{CollectorConfig, WalSync};
 use crate::dedup::Dedup;
 use crate::error::{CollectorError, Result};
-use crate::model::{BatchLimits, validate_batch};
+use crate::model::{BatchLimits, prepare_batch};
 use crate::persist::{self, FileIndex, ParquetFile, hour_of};
 use crate::wal::{self, Wal};
 
@@ -173,7 +173,14 @@ impl Store {
         let mut replayed_rows = 0usize;
         for record in &replay.records {
             let batch = match WriteBatch::decode(record.payload.as_slice()) {
-                Ok(b) => b,
+                // Records written before chunks existed hold points: bring them to today's shape.
+                Ok(mut b) => match crate::model::normalize(&mut b) {
+                    Ok(()) => b,
+                    Err(e) => {
+                        tracing::error!(seq = record.seq, error = %e, "WAL record cannot be normalized; skipped");
+                        continue;
+                    }
+                },
                 Err(e) => {
                     tracing::error!(seq = record.seq, error = %e, "WAL record passed its CRC but does not decode; skipped");
                     continue;
@@ -257,9 +264,10 @@ impl Store {
             max_points: self.inner.config.max_batch_points,
         };
         let held = in_memory_estimate(&batch);
-        if let Err(invalid) = validate_batch(&batch, limits) {
-            return WriteOutcome::Rejected(invalid.0);
-        }
+        let batch = match prepare_batch(batch, limits) {
+            Ok(batch) => batch,
+            Err(invalid) => return WriteOutcome::Rejected(invalid.0),
+        };
         // Backpressure happens here, before the writer thread, which never waits: other writes (duplicates, or
         // anything once space is free) go on being committed meanwhile.
         let bytes = batch.encoded_len();
@@ -718,6 +726,7 @@ mod tests {
 
     fn batch(seq: u64, value: Value) -> WriteBatch {
         WriteBatch {
+            chunks: Vec::new(),
             agent_id: "agent-1".into(),
             seq,
             common_tags: vec![Tag {

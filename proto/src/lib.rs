@@ -1,9 +1,11 @@
 //! The Damselfly wire protocol, package `damselfly.v1`: the types agents and collectors exchange, generated from
-//! `damselfly/v1/ingest.proto` (read that file for the delivery contract). Nothing else lives here.
-
-#![allow(clippy::all, missing_docs)]
+//! `damselfly/v1/ingest.proto` (read that file for the delivery contract), plus [`columnar`], the one conversion from
+//! row-wise points to the columnar chunks that both ends use.
 
 /// Generated code for `damselfly.v1`.
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("damselfly.v1");
 }
+
+pub mod columnar;

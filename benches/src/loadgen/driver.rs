@@ -18,7 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Channel;
 
-use crate::points::{PointGen, count_measurement};
+use crate::points::{PointGen, batch_values, count_measurement};
+use damselfly_proto::columnar::batch_rows;
 
 /// Largest ack message accepted. Acks are tiny; this only bounds a misbehaving server.
 const MAX_DECODING_BYTES: usize = 4 << 20;
@@ -75,6 +76,8 @@ pub struct Counts {
     pub points_stored: u64,
     /// `cpu` points in batches acknowledged STORED.
     pub cpu_points_stored: u64,
+    /// Field values in batches acknowledged STORED.
+    pub values_stored: u64,
     pub batches_duplicate: u64,
     /// Points in batches acknowledged DUPLICATE (stored earlier, ack lost).
     pub points_duplicate: u64,
@@ -94,6 +97,7 @@ impl Counts {
         self.batches_stored += o.batches_stored;
         self.points_stored += o.points_stored;
         self.cpu_points_stored += o.cpu_points_stored;
+        self.values_stored += o.values_stored;
         self.batches_duplicate += o.batches_duplicate;
         self.points_duplicate += o.points_duplicate;
         self.cpu_points_duplicate += o.cpu_points_duplicate;
@@ -128,6 +132,8 @@ struct Pending {
     seq: u64,
     time_unix_nano: i64,
     points: u64,
+    /// Field values in the batch (a point carries several).
+    values: u64,
     cpu_points: u64,
     /// When it was last put on a stream.
     sent: Instant,
@@ -370,7 +376,8 @@ impl Agent {
                 let p = Pending {
                     seq,
                     time_unix_nano: time,
-                    points: batch.points.len() as u64,
+                    points: batch_rows(&batch) as u64,
+                    values: batch_values(&batch) as u64,
                     cpu_points: count_measurement(&batch, "cpu") as u64,
                     sent: now,
                     resend: false,
@@ -422,6 +429,7 @@ impl Agent {
                     c.batches_stored += 1;
                     c.points_stored += ack.points_stored;
                     c.cpu_points_stored += p.cpu_points;
+                    c.values_stored += p.values;
                 });
                 self.live.batches_stored.fetch_add(1, Ordering::Relaxed);
                 self.live

@@ -5,6 +5,7 @@
 //! byte for byte when it has to be resent (RETRY, broken stream). Values come from a small hash, not from an RNG
 //! with state; counters grow monotonically with `seq`.
 
+use damselfly_proto::columnar::{chunk_rows, column_len, points_to_chunks};
 use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
 
 /// Cloud providers and two regions each; an agent's index picks one.
@@ -59,6 +60,8 @@ pub struct PointGen {
     load: f64,
     seed: u64,
     points_per_batch: usize,
+    /// Send rows as columnar chunks (`WriteBatch.chunks`) instead of points.
+    columnar: bool,
 }
 
 impl PointGen {
@@ -89,7 +92,14 @@ impl PointGen {
             load: 0.05 + 0.8 * unit(seed, 1),
             seed,
             points_per_batch: points_per_batch.max(1),
+            columnar: false,
         }
+    }
+
+    /// Builds columnar batches (`WriteBatch.chunks`, the native fast encoding) instead of points.
+    pub fn columnar(mut self, columnar: bool) -> Self {
+        self.columnar = columnar;
+        self
     }
 
     /// The agent id every batch carries (`loadgen-<run>-<index>`).
@@ -129,12 +139,21 @@ impl PointGen {
                 self.point(j % round_len, tick, time)
             })
             .collect();
-        WriteBatch {
+        let mut batch = WriteBatch {
+            chunks: Vec::new(),
             agent_id: self.agent_id.clone(),
             seq,
             common_tags: self.common_tags.clone(),
             points,
+        };
+        if self.columnar {
+            // Every field keeps one type, so the conversion cannot fail; fall back to points if it ever did.
+            if let Ok(chunks) = points_to_chunks(&batch.points) {
+                batch.points.clear();
+                batch.chunks = chunks;
+            }
         }
+        batch
     }
 
     /// Point `slot` of a round.
@@ -299,13 +318,30 @@ impl PointGen {
     }
 }
 
-/// Number of points of `measurement` in `batch`.
+/// Number of points (rows) of `measurement` in `batch`, points and chunks alike.
 pub fn count_measurement(batch: &WriteBatch, measurement: &str) -> usize {
     batch
         .points
         .iter()
         .filter(|p| p.measurement == measurement)
         .count()
+        + batch
+            .chunks
+            .iter()
+            .filter(|c| c.measurement == measurement)
+            .map(chunk_rows)
+            .sum::<usize>()
+}
+
+/// Field values in a batch.
+pub fn batch_values(batch: &WriteBatch) -> usize {
+    batch.points.iter().map(|p| p.fields.len()).sum::<usize>()
+        + batch
+            .chunks
+            .iter()
+            .flat_map(|c| &c.fields)
+            .map(column_len)
+            .sum::<usize>()
 }
 
 fn point(measurement: &str, tags: Vec<Tag>, fields: Vec<Field>, time_unix_nano: i64) -> Point {
