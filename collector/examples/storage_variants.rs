@@ -57,7 +57,7 @@ fn columns_of(schema: &SchemaRef, pick: impl Fn(&DataType) -> bool) -> Vec<Colum
 fn variants() -> Vec<Variant> {
     vec![
         Variant {
-            name: "damselfly (as written: decimal floats, delta ints, zstd 3)",
+            name: "damselfly (as written: decimal floats, delta or dictionary ints, zstd 3)",
             floats: Floats::DecimalWhereExact,
             tune: |b, _| b,
         },
@@ -95,6 +95,21 @@ fn variants() -> Vec<Variant> {
             name: "  pages of 100k rows (default 20k)",
             floats: Floats::DecimalWhereExact,
             tune: |b, _| b.set_data_page_row_count_limit(100_000),
+        },
+        Variant {
+            name: "  integers and decimals: always delta (no dictionary estimate)",
+            floats: Floats::DecimalWhereExact,
+            tune: |mut b, s| {
+                for c in columns_of(s, |t| {
+                    matches!(
+                        t,
+                        DataType::Int64 | DataType::UInt64 | DataType::Decimal128(..)
+                    )
+                }) {
+                    b = b.set_column_dictionary_enabled(c, false);
+                }
+                b
+            },
         },
         Variant {
             name: "  integers: dictionary, then PLAIN",
@@ -280,11 +295,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Per table: files, on-disk bytes, values, and (bytes, write seconds) per variant.
+type TableSizes = (usize, u64, u64, Vec<(u64, f64)>);
+
 fn run(tables_dir: &Path, only: &[String]) -> Result<(), String> {
     let files = persist::scan_store(tables_dir).map_err(|e| e.to_string())?;
     let variants = variants();
     // table -> (files, on-disk bytes, values, bytes and write time per variant)
-    let mut per_table: BTreeMap<String, (usize, u64, u64, Vec<(u64, f64)>)> = BTreeMap::new();
+    let mut per_table: BTreeMap<String, TableSizes> = BTreeMap::new();
     for (file, schema) in &files {
         if !only.is_empty() && !only.contains(&file.table) {
             continue;

@@ -227,16 +227,95 @@ pub fn writer_properties(
 }
 
 /// [`writer_properties`] for a file whose rows are all known (`stored`, after [`encode_floats`]): also drops the
-/// bloom filters that cannot help (see [`without_useless_blooms`]).
+/// bloom filters that cannot help (see [`without_useless_blooms`]) and dictionary-encodes the integer and decimal
+/// columns where that is estimated smaller than delta (see [`dictionary_wins`]).
 pub fn file_properties(
     stored: &RecordBatch,
     row_group_rows: usize,
     kv: Vec<KeyValue>,
 ) -> WriterProperties {
-    without_useless_blooms(
+    let props = without_useless_blooms(
         writer_properties(&stored.schema(), row_group_rows, kv),
         stored,
-    )
+    );
+    let mut builder = None;
+    for (field, column) in stored.schema().fields().iter().zip(stored.columns()) {
+        if field.name() != TIME_COLUMN && dictionary_wins(column.as_ref()) {
+            // Delta stays the fallback should the dictionary outgrow its page limit.
+            let b = builder
+                .take()
+                .unwrap_or_else(|| props.clone().into_builder());
+            builder = Some(
+                b.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true),
+            );
+        }
+    }
+    builder.map_or(props, |b| b.build())
+}
+
+/// Whether a dictionary (index bits per value plus the distinct values) is estimated smaller than
+/// DELTA_BINARY_PACKED (per miniblock, the bits of its largest delta above the block's smallest) for an integer or
+/// decimal column. Delta wins on counters and random walks; a dictionary on values that repeat but jump, such as
+/// memory sizes in bytes (multiples of 4096, whose deltas carry 12 zero bits). Measured in benches/RESULTS.md.
+fn dictionary_wins(column: &dyn Array) -> bool {
+    let (values, miniblock): (Vec<i64>, usize) = match column.data_type() {
+        DataType::Int64 => (
+            column
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .iter()
+                .flatten()
+                .collect(),
+            64,
+        ),
+        DataType::UInt64 => (
+            column
+                .as_primitive::<arrow::datatypes::UInt64Type>()
+                .iter()
+                .flatten()
+                .map(|v| v as i64)
+                .collect(),
+            64,
+        ),
+        DataType::Decimal128(precision, _) => (
+            column
+                .as_primitive::<arrow::datatypes::Decimal128Type>()
+                .iter()
+                .flatten()
+                .map(|v| v as i64)
+                .collect(),
+            // Parquet stores precision <= 9 as INT32, whose miniblocks hold 32 values.
+            if *precision <= DECIMAL_PRECISION_INT32 {
+                32
+            } else {
+                64
+            },
+        ),
+        _ => return false,
+    };
+    if values.len() < 2 {
+        return false;
+    }
+    let deltas: Vec<i64> = values.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    let bits = |v: u64| u64::from(64 - v.leading_zeros());
+    let mut delta_bits = 0u64;
+    for block in deltas.chunks(miniblock * 4) {
+        let min = block.iter().copied().min().unwrap_or(0);
+        for mini in block.chunks(miniblock) {
+            let max = mini.iter().copied().max().unwrap_or(0);
+            delta_bits += miniblock as u64 * bits(max.wrapping_sub(min) as u64);
+        }
+        delta_bits += 48; // the block's min delta and bit widths
+    }
+    // Counting distinct values stops as soon as the dictionary page alone would cost more.
+    let mut distinct = std::collections::HashSet::new();
+    for v in &values {
+        distinct.insert(*v);
+        if distinct.len() as u64 * 64 >= delta_bits {
+            return false;
+        }
+    }
+    let index_bits = bits(distinct.len().saturating_sub(1) as u64).max(1);
+    values.len() as u64 * index_bits + distinct.len() as u64 * 64 < delta_bits
 }
 
 /// Drops the bloom filter of tag columns holding at most one distinct value in this file: min/max statistics
@@ -771,6 +850,22 @@ mod tests {
                 None => assert!(back.is_null(i)),
             }
         }
+    }
+
+    #[test]
+    fn dictionary_only_where_it_is_estimated_smaller_than_delta() {
+        use arrow::array::{Int64Array as I64, UInt64Array as U64};
+        // A counter: small, varied deltas.
+        let counter = U64::from_iter_values((0..4096u64).map(|i| i * 1000 + (i * 7919) % 613));
+        assert!(!dictionary_wins(&counter));
+        // Memory in bytes: a few values that repeat, far apart, multiples of 4096.
+        let memory = I64::from_iter_values(
+            (0..4096i64).map(|i| (1 << 30) + ((i * 7919) % 13) * 4096 * 1000),
+        );
+        assert!(dictionary_wins(&memory));
+        // Too short to matter, or not an integer column.
+        assert!(!dictionary_wins(&I64::from(vec![5])));
+        assert!(!dictionary_wins(&Float64Array::from(vec![1.0, 1.0, 1.0])));
     }
 
     /// Delta encoding wraps around: extreme integers (u64 above i64::MAX, i64::MIN next to i64::MAX) survive.
