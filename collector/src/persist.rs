@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Decimal128Array, Float64Array, Int64Array, RecordBatch,
-    TimestampNanosecondArray, new_null_array,
+    Array, ArrayRef, AsArray, Decimal128Array, Float64Array, RecordBatch, TimestampNanosecondArray,
+    new_null_array,
 };
 use arrow::compute::{cast, concat_batches, take_record_batch};
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
@@ -526,25 +526,48 @@ fn time_column(batch: &RecordBatch) -> Result<&TimestampNanosecondArray> {
 /// series then time: runs of one series compress and prune well.
 fn sort_for_storage(batch: &RecordBatch) -> Result<RecordBatch> {
     let schema = batch.schema();
-    let times = time_column(batch)?;
-    let hours: ArrayRef = Arc::new(Int64Array::from_iter_values(
-        times.values().iter().map(|t| hour_of(*t)),
-    ));
-    let mut sort_columns = vec![hours];
-    let mut sort_fields = vec![SortField::new(arrow::datatypes::DataType::Int64)];
+    let times = time_column(batch)?.values();
+    let n = batch.num_rows();
+    let mut tag_columns = Vec::new();
+    let mut tag_fields = Vec::new();
     for (i, field) in schema.fields().iter().enumerate() {
         if *field.data_type() == tag_data_type() {
-            sort_columns.push(batch.column(i).clone());
-            sort_fields.push(SortField::new(field.data_type().clone()));
+            tag_columns.push(batch.column(i).clone());
+            tag_fields.push(SortField::new(field.data_type().clone()));
         }
     }
-    sort_columns.push(batch.column(0).clone());
-    sort_fields.push(SortField::new(batch.column(0).data_type().clone()));
-    let converter = RowConverter::new(sort_fields)?;
-    let rows = converter.convert_columns(&sort_columns)?;
-    let mut indices: Vec<u32> = (0..batch.num_rows() as u32).collect();
-    indices.sort_unstable_by(|a, b| rows.row(*a as usize).cmp(&rows.row(*b as usize)));
-    let indices = arrow::array::UInt32Array::from(indices);
+    // Rank the series instead of comparing every row's tags: the tags are turned into comparable rows once, each
+    // distinct series is found by hashing, and only the distinct ones (thousands, not millions) are sorted. The rows
+    // are then sorted by plain integers (hour, series rank, time): the same order as comparing the tags row by row.
+    let series_rank: Vec<u32> = if tag_columns.is_empty() {
+        vec![0; n]
+    } else {
+        let converter = RowConverter::new(tag_fields)?;
+        let rows = converter.convert_columns(&tag_columns)?;
+        let mut ids = ahash::AHashMap::with_capacity(1024);
+        let mut distinct = Vec::new();
+        let series_of_row: Vec<u32> = (0..n)
+            .map(|i| {
+                let row = rows.row(i);
+                *ids.entry(row).or_insert_with(|| {
+                    distinct.push(row);
+                    (distinct.len() - 1) as u32
+                })
+            })
+            .collect();
+        let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
+        order.sort_unstable_by(|a, b| distinct[*a as usize].cmp(&distinct[*b as usize]));
+        let mut rank = vec![0u32; distinct.len()];
+        for (r, d) in order.iter().enumerate() {
+            rank[*d as usize] = r as u32;
+        }
+        series_of_row.iter().map(|d| rank[*d as usize]).collect()
+    };
+    let mut keys: Vec<(i64, u32, i64, u32)> = (0..n)
+        .map(|i| (hour_of(times[i]), series_rank[i], times[i], i as u32))
+        .collect();
+    keys.sort_unstable();
+    let indices = arrow::array::UInt32Array::from_iter_values(keys.iter().map(|k| k.3));
     Ok(take_record_batch(batch, &indices)?)
 }
 
