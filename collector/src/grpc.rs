@@ -108,11 +108,8 @@ pub fn retry_status(message: &str, after: Duration) -> Status {
             .encode_to_vec(),
         }],
     };
-    let mut status = Status::with_details(
-        Code::Unavailable,
-        message,
-        details.encode_to_vec().into(),
-    );
+    let mut status =
+        Status::with_details(Code::Unavailable, message, details.encode_to_vec().into());
     let ms = MetadataValue::from(duration_ms(after));
     status
         .metadata_mut()
@@ -206,7 +203,10 @@ impl Ingest for IngestService {
                     match item {
                         Ok(batch) => {
                             let seq = batch.seq;
-                            Ok(ack_for(seq, store_batch(&store, registry.as_ref(), batch).await))
+                            Ok(ack_for(
+                                seq,
+                                store_batch(&store, registry.as_ref(), batch).await,
+                            ))
                         }
                         Err(status) => {
                             // A message that does not decode or is too large ends the stream with that status; the
