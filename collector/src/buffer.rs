@@ -630,8 +630,8 @@ mod tests {
         for i in 0..b.num_rows() {
             let r = rows / 2 + i;
             assert_eq!(u.value(i), r as f64);
-            assert_eq!(n.is_valid(i), r % 3 == 0, "row {r}");
-            if r % 3 == 0 {
+            assert_eq!(n.is_valid(i), r.is_multiple_of(3), "row {r}");
+            if r.is_multiple_of(3) {
                 assert_eq!(n.value(i), r as i64);
             }
             assert_eq!(cpu.as_string::<i32>().value(i), format!("cpu{}", r % 2));
