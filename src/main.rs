@@ -25,6 +25,7 @@ use tokio::sync::watch;
 /// without bound (to 18x the write-buffer limit within 40 s of `tests/durability.rs`'s flood, while the live data
 /// stayed under 6x; mimalloc grew the same way). jemalloc, tuned below, returns freed pages, so the buffer limits
 /// really bound the process.
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -245,6 +246,7 @@ enum OutputFormat {
 
 /// Freed memory goes back to the OS within about a second (jemalloc's default is 10 s), purged by a background
 /// thread even while the process is idle, so the resident size follows the live data.
+#[cfg(not(target_env = "msvc"))]
 fn tune_allocator() {
     use tikv_jemalloc_ctl::{Access, AsName};
     for key in [&b"arenas.dirty_decay_ms\0"[..], b"arena.0.dirty_decay_ms\0"] {
@@ -256,6 +258,10 @@ fn tune_allocator() {
         eprintln!("jemalloc: cannot start the background purge thread: {e}");
     }
 }
+
+/// The system allocator (MSVC builds) needs no tuning.
+#[cfg(target_env = "msvc")]
+fn tune_allocator() {}
 
 fn main() -> ExitCode {
     tune_allocator();
