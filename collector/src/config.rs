@@ -53,6 +53,11 @@ pub struct CollectorConfig {
     pub max_batch_points: usize,
     /// Largest SQL request body (bytes). Default 1 MiB.
     pub max_sql_bytes: usize,
+    /// Largest body of an HTTP write (InfluxDB line protocol, Prometheus remote write), in bytes, both as sent and
+    /// after decompression; a larger one is answered `413`. Default 32 MiB.
+    pub max_write_bytes: usize,
+    /// Longest line of line protocol (bytes); a longer line is rejected with its line number. Default 64 KiB.
+    pub max_line_bytes: usize,
     /// Queries are cancelled after this many seconds. Default 60.
     pub query_timeout_secs: u64,
     /// Memory for the operators of all queries running at once (one pool, bytes); a query that needs more than
@@ -65,6 +70,9 @@ pub struct CollectorConfig {
     /// Agents to pull from (pull mode): gRPC URLs of their `MetricsSource`, `http://host:port`, e.g.
     /// `"http://10.0.0.5:9464"`. Agents that register in pull mode are pulled as well. Default: none.
     pub pull_targets: Vec<String>,
+    /// Prometheus exporters to scrape (text exposition format), e.g. `"http://127.0.0.1:9100/metrics"`. Scraped
+    /// every `pull_interval_secs`, bounded by `pull_timeout_secs`. Default: none.
+    pub scrape_targets: Vec<String>,
     /// Seconds between two pulls of one target. Default 10, 1 to 86,400.
     pub pull_interval_secs: u64,
     /// A pull call (connect included) that takes longer than this many seconds fails. Default 5, 1 to 3,600.
@@ -98,6 +106,10 @@ pub struct CollectorConfig {
     /// Per-table retention, overriding the defaults: `[retention]` with `cpu = "7d"`, `"rollup_1h.cpu" =
     /// "forever"`. Default: none.
     pub retention: std::collections::BTreeMap<String, crate::retention::RetentionPeriod>,
+
+    /// Destinations that receive a copy of every stored point over the InfluxDB v2 write API (`[[forward]]`).
+    /// Default: none.
+    pub forward: Vec<crate::forward::ForwardConfig>,
 }
 
 impl Default for CollectorConfig {
@@ -115,11 +127,14 @@ impl Default for CollectorConfig {
             max_grpc_message_bytes: 16 << 20,
             max_batch_points: 100_000,
             max_sql_bytes: 1 << 20,
+            max_write_bytes: 32 << 20,
+            max_line_bytes: 64 << 10,
             query_timeout_secs: 60,
             query_memory_bytes: 1 << 30,
             max_result_rows: 1_000_000,
             parquet_row_group_rows: 128 * 1024,
             pull_targets: Vec::new(),
+            scrape_targets: Vec::new(),
             pull_interval_secs: 10,
             pull_timeout_secs: 5,
             heartbeat_interval_secs: 10,
@@ -132,6 +147,7 @@ impl Default for CollectorConfig {
             retention_rollup_1m_default: crate::retention::RetentionPeriod::days(90),
             retention_rollup_1h_default: crate::retention::RetentionPeriod::days(730),
             retention: std::collections::BTreeMap::new(),
+            forward: Vec::new(),
         }
     }
 }
@@ -182,6 +198,12 @@ impl CollectorConfig {
         {
             return bad("max_sql_bytes and max_result_rows must be at least 1, query_memory_bytes at least 1 MiB".into());
         }
+        if self.max_write_bytes < 1024 || self.max_line_bytes < 256 {
+            return bad(format!(
+                "max_write_bytes ({}) must be at least 1024 and max_line_bytes ({}) at least 256",
+                self.max_write_bytes, self.max_line_bytes
+            ));
+        }
         if self.parquet_row_group_rows < 1024 {
             return bad("parquet_row_group_rows must be at least 1024".into());
         }
@@ -227,6 +249,16 @@ impl CollectorConfig {
                 "compaction_closed_after_secs ({}) must be at most 604800 (a week)",
                 self.compaction_closed_after_secs
             ));
+        }
+        for url in &self.scrape_targets {
+            if let Err(reason) = crate::ingest::scrape::validate_scrape_url(url) {
+                return bad(format!("scrape_targets: {reason}"));
+            }
+        }
+        for (i, destination) in self.forward.iter().enumerate() {
+            if let Err(reason) = destination.validate() {
+                return bad(format!("forward[{i}]: {reason}"));
+            }
         }
         crate::retention::validate_keys(self)?;
         Ok(())

@@ -42,10 +42,15 @@ pub struct ApiState {
     pub pull: crate::pull::PullHandle,
     /// The maintenance task (compaction, rollups, retention), for the admin endpoints.
     pub maintenance: crate::maintenance::Maintenance,
+    /// Forwarding to InfluxDB v2 endpoints (an empty handle when nothing is forwarded).
+    pub forward: crate::forward::ForwardHandle,
+    /// Scraping of Prometheus exporters (an empty handle when nothing is scraped).
+    pub scrape: crate::ingest::scrape::ScrapeHandle,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
 pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
+    let max_write_bytes = state.store.config().max_write_bytes;
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/sql", post(sql))
@@ -53,7 +58,10 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .route("/api/v1/pull/targets", get(pull_targets))
         .route("/api/v1/admin/flush", post(admin_flush))
         .route("/api/v1/admin/maintenance", post(admin_maintenance))
+        .merge(crate::dragonfly::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
+        // Write bodies are larger than SQL text: the ingest routes set their own limit.
+        .merge(crate::ingest::routes(max_write_bytes))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))

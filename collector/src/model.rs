@@ -130,6 +130,21 @@ pub fn validate_batch(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inv
     if batch.seq == 0 {
         return Err(InvalidBatch("seq must be at least 1".into()));
     }
+    validate_content(batch, limits)
+}
+
+/// [`prepare_batch`] for a batch without an (agent id, seq) key (see `Store::write_unkeyed`).
+pub fn prepare_unkeyed_batch(
+    mut batch: WriteBatch,
+    limits: BatchLimits,
+) -> Result<WriteBatch, InvalidBatch> {
+    validate_content(&batch, limits)?;
+    normalize(&mut batch)?;
+    Ok(batch)
+}
+
+/// Everything [`validate_batch`] checks but the key.
+fn validate_content(batch: &WriteBatch, limits: BatchLimits) -> Result<(), InvalidBatch> {
     let rows = batch_rows(batch);
     if rows == 0 {
         return Err(InvalidBatch("batch has no points".into()));

@@ -162,6 +162,20 @@ impl Collector {
             async move { maintenance.run(stopped(rx)).await }
         });
 
+        // Copies of stored points to InfluxDB v2 endpoints; scrapes of Prometheus exporters.
+        let forwarders = crate::forward::Forwarders::new(&config.forward, &self.store);
+        let forward_handle = forwarders.handle();
+        let forwarder = tokio::spawn({
+            let rx = stop_rx.clone();
+            async move { forwarders.run(stopped(rx)).await }
+        });
+        let scraper = crate::ingest::scrape::Scraper::new(self.store.clone(), &config);
+        let scrape_handle = scraper.handle();
+        let scraper = tokio::spawn({
+            let rx = stop_rx.clone();
+            async move { scraper.run(stopped(rx)).await }
+        });
+
         let api = router(
             ApiState {
                 store: self.store.clone(),
@@ -169,6 +183,8 @@ impl Collector {
                 registry: self.registry.clone(),
                 pull: pull_handle,
                 maintenance: maintenance.clone(),
+                forward: forward_handle,
+                scrape: scrape_handle,
             },
             config.max_sql_bytes,
         );
@@ -210,12 +226,19 @@ impl Collector {
         if let Err(e) = puller.await {
             tracing::error!(error = %e, "the pull scheduler failed");
         }
+        if let Err(e) = scraper.await {
+            tracing::error!(error = %e, "the scraper failed");
+        }
         // The flusher sees the stop signal and runs a last flush.
         if let Err(e) = flusher.await {
             tracing::error!(error = %e, "the flusher task failed; the WAL keeps the rows for the next start");
         }
         if let Err(e) = maintainer.await {
             tracing::error!(error = %e, "the maintenance task failed");
+        }
+        // Forwarders get their last chance to send what they hold after the final flush.
+        if let Err(e) = forwarder.await {
+            tracing::error!(error = %e, "the forwarder failed");
         }
         // No query runs any more: files replaced or expired by maintenance can go now.
         maintenance.purge_all();

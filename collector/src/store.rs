@@ -41,6 +41,21 @@ pub enum WriteOutcome {
     Retry { message: String, after: Duration },
 }
 
+/// A copy of every batch the store makes durable, for consumers such as forwarding ([`Store::tap`]). Fed without
+/// waiting: when `batches` is full the batch is skipped for this tap and its points are added to `dropped_points`.
+#[derive(Debug)]
+pub struct StoredTap {
+    pub batches: mpsc::Receiver<Arc<WriteBatch>>,
+    pub dropped_points: Arc<AtomicU64>,
+}
+
+struct TapSender {
+    batches: mpsc::Sender<Arc<WriteBatch>>,
+    dropped_points: Arc<AtomicU64>,
+}
+
+type Taps = Arc<Mutex<Vec<TapSender>>>;
+
 /// Rows frozen at a WAL rotation, waiting to be written as Parquet.
 #[derive(Debug)]
 pub struct Frozen {
@@ -136,6 +151,7 @@ struct Inner {
     retry_hint_ms: Arc<AtomicU64>,
     replayed_records: usize,
     truncated_bytes: u64,
+    taps: Taps,
 }
 
 /// Locks the shared state. A poisoned lock means a panic elsewhere; the data is still consistent (every
@@ -190,7 +206,9 @@ impl Store {
                 tracing::error!(seq = record.seq, %conflict, "WAL record conflicts with the stored schema; skipped");
                 continue;
             }
-            state.dedup.insert(&batch.agent_id, batch.seq);
+            if is_keyed(&batch) {
+                state.dedup.insert(&batch.agent_id, batch.seq);
+            }
             let files = &state.files;
             replayed_rows += state.active.append_batch(&batch, |table, time| {
                 record.seq > files.persisted_seq(table, hour_of(time))
@@ -210,7 +228,9 @@ impl Store {
         let retry_hint_ms = Arc::new(AtomicU64::new(INITIAL_RETRY_MS));
         let (tx, rx) = mpsc::channel(4096);
         let in_progress_limit = (config.max_buffer_bytes / 4).clamp(1, Semaphore::MAX_PERMITS);
+        let taps: Taps = Arc::default();
         let writer = Writer {
+            taps: taps.clone(),
             wal,
             rx,
             state: state.clone(),
@@ -238,6 +258,7 @@ impl Store {
                 retry_hint_ms,
                 replayed_records,
                 truncated_bytes: replay.truncated_bytes,
+                taps,
             }),
         })
     }
@@ -268,6 +289,43 @@ impl Store {
             Ok(batch) => batch,
             Err(invalid) => return WriteOutcome::Rejected(invalid.0),
         };
+        self.write_prepared(batch, held).await
+    }
+
+    /// Makes durable and buffers one batch that has no (agent id, sequence) key, such as an HTTP write (line
+    /// protocol, remote write): its sender has no way to re-send it under the same key, so it is not deduplicated.
+    /// `agent_id` and `seq` are ignored (stored as empty and 0). Otherwise as [`Store::write`]: validated,
+    /// acknowledged only once in the WAL.
+    pub async fn write_unkeyed(&self, mut batch: WriteBatch) -> WriteOutcome {
+        batch.agent_id.clear();
+        batch.seq = 0;
+        let limits = BatchLimits {
+            max_points: self.inner.config.max_batch_points,
+        };
+        let held = in_memory_estimate(&batch);
+        let batch = match crate::model::prepare_unkeyed_batch(batch, limits) {
+            Ok(batch) => batch,
+            Err(invalid) => return WriteOutcome::Rejected(invalid.0),
+        };
+        self.write_prepared(batch, held).await
+    }
+
+    /// A copy of every batch made durable from now on, through a channel of `capacity` batches (see
+    /// [`StoredTap`]).
+    pub fn tap(&self, capacity: usize) -> StoredTap {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let dropped_points = Arc::new(AtomicU64::new(0));
+        tap_lock(&self.inner.taps).push(TapSender {
+            batches: tx,
+            dropped_points: dropped_points.clone(),
+        });
+        StoredTap {
+            batches: rx,
+            dropped_points,
+        }
+    }
+
+    async fn write_prepared(&self, batch: WriteBatch, held: usize) -> WriteOutcome {
         // Backpressure happens here, before the writer thread, which never waits: other writes (duplicates, or
         // anything once space is free) go on being committed meanwhile.
         let bytes = batch.encoded_len();
@@ -328,7 +386,7 @@ impl Store {
             freed.as_mut().enable();
             let buffered = {
                 let state = lock(&self.inner.state);
-                if state.dedup.contains(&batch.agent_id, batch.seq) {
+                if is_keyed(batch) && state.dedup.contains(&batch.agent_id, batch.seq) {
                     return Ok(());
                 }
                 state.buffered_bytes()
@@ -565,6 +623,17 @@ struct Writer {
     flush_bytes: usize,
     max_bytes: usize,
     retry_hint_ms: Arc<AtomicU64>,
+    taps: Taps,
+}
+
+/// Whether a batch carries an (agent id, seq) key: unkeyed batches ([`Store::write_unkeyed`]) are never
+/// deduplicated.
+fn is_keyed(batch: &WriteBatch) -> bool {
+    batch.seq != 0
+}
+
+fn tap_lock(taps: &Mutex<Vec<TapSender>>) -> MutexGuard<'_, Vec<TapSender>> {
+    taps.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Most writes taken into one group commit.
@@ -604,6 +673,26 @@ impl Writer {
         tracing::debug!("WAL writer stopped");
     }
 
+    /// Hands a copy of each durable batch to every tap, never waiting; closed taps are removed.
+    fn feed_taps<'a>(&self, batches: impl Iterator<Item = &'a WriteBatch>) {
+        let mut taps = tap_lock(&self.taps);
+        if taps.is_empty() {
+            return;
+        }
+        for batch in batches {
+            let shared = Arc::new(batch.clone());
+            taps.retain(|tap| match tap.batches.try_send(shared.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let points = damselfly_proto::columnar::batch_rows(batch) as u64;
+                    tap.dropped_points.fetch_add(points, Ordering::Relaxed);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
+    }
+
     fn commit(&mut self, group: Vec<(WriteBatch, usize, oneshot::Sender<WriteOutcome>)>) {
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; group.len()];
         let mut accepted = Vec::new();
@@ -617,8 +706,9 @@ impl Writer {
             let mut overlay = HashMap::new();
             let mut seen: HashSet<(&str, u64)> = HashSet::new();
             for (i, (batch, bytes, _)) in group.iter().enumerate() {
-                if state.dedup.contains(&batch.agent_id, batch.seq)
-                    || seen.contains(&(batch.agent_id.as_str(), batch.seq))
+                if is_keyed(batch)
+                    && (state.dedup.contains(&batch.agent_id, batch.seq)
+                        || seen.contains(&(batch.agent_id.as_str(), batch.seq)))
                 {
                     outcomes[i] = Some(WriteOutcome::Duplicate);
                 } else if projected > 0 && projected.saturating_add(*bytes) > self.max_bytes {
@@ -655,13 +745,17 @@ impl Writer {
                             // check_batch passed, so this cannot happen; log rather than panic.
                             tracing::error!(%conflict, "schema changed between check and apply");
                         }
-                        state.dedup.insert(&batch.agent_id, batch.seq);
+                        if is_keyed(batch) {
+                            state.dedup.insert(&batch.agent_id, batch.seq);
+                        }
                         let points = state.active.append_batch(batch, |_, _| true);
                         outcomes[i] = Some(WriteOutcome::Stored { points });
                     }
                     if state.active.bytes() >= self.flush_bytes {
                         self.flush_wanted.notify_one();
                     }
+                    drop(state);
+                    self.feed_taps(accepted.iter().map(|&i| &group[i].0));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "WAL append failed; answering retry");

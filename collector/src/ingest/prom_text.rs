@@ -1,0 +1,1 @@
+//! The Prometheus text exposition format (what exporters serve on `/metrics`).
