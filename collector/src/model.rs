@@ -447,6 +447,11 @@ pub fn check_tag(key: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A field name: see [`MAX_NAME_BYTES`]; no control characters; not `time`.
+pub fn check_field_name(name: &str) -> Result<(), String> {
+    check_name("field", name)
+}
+
 fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{what} name is empty"));
