@@ -16,6 +16,7 @@ use crate::http::ApiState;
 pub mod influx;
 pub mod line_protocol;
 pub mod prom_text;
+pub mod prometheus;
 pub mod remote_write;
 pub mod scrape;
 
