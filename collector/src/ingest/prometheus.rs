@@ -454,6 +454,108 @@ mod tests {
         assert!(time_ns(i64::MAX / 1000).unwrap_err().contains("2262"));
     }
 
+    fn open_store(dir: &std::path::Path) -> Store {
+        Store::open(&crate::config::CollectorConfig {
+            data_dir: dir.to_path_buf(),
+            wal_sync: crate::config::WalSync::None,
+            max_batch_points: 10,
+            ..crate::config::CollectorConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn conflicts_with_existing_columns_cost_one_series_and_batches_are_stored() {
+        use damselfly_proto::v1::{Field, Point, Tag, field::Value};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path());
+        // Another ingest path made `mode` a field of `mixed` and `value` a string field of `texty`.
+        let point = |table: &str, field: &str, value: Value| Point {
+            measurement: table.into(),
+            tags: vec![Tag {
+                key: "host".into(),
+                value: "h".into(),
+            }],
+            fields: vec![Field {
+                key: field.into(),
+                value: Some(value),
+            }],
+            time_unix_nano: 1,
+        };
+        let outcome = store
+            .write_unkeyed(WriteBatch {
+                points: vec![
+                    point("mixed", "mode", Value::I64(1)),
+                    point("texty", "value", Value::Str("x".into())),
+                ],
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            matches!(outcome, WriteOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+
+        let mut guard = SchemaGuard::new(&store);
+        let e = guard
+            .check(&map_series("mixed", [("mode", "idle")], None).unwrap())
+            .unwrap_err();
+        assert!(
+            e.contains("table \"mixed\" already has \"mode\" as a"),
+            "{e}"
+        );
+        let e = guard
+            .check(&map_series("texty", [("a", "b")], None).unwrap())
+            .unwrap_err();
+        assert!(e.contains("Prometheus values are float fields"), "{e}");
+        let e = guard
+            .check(&map_series("texty", [("host", "h")], None).unwrap())
+            .unwrap_err();
+        assert!(e.contains("\"value\""), "{e}");
+        // Existing tags and new tables are fine.
+        let ok = map_series("mixed", [("host", "h2")], None).unwrap();
+        guard.check(&ok).unwrap();
+        let fresh = map_series("fresh", [("x", "1")], None).unwrap();
+        guard.check(&fresh).unwrap();
+
+        // 25 rows with max_batch_points = 10: three batches, all stored.
+        let mut builder = RowsBuilder::new(store.config().max_batch_points);
+        let samples: Vec<(i64, f64)> = (0..20).map(|i| (i * 1_000_000, i as f64)).collect();
+        builder.push_series(fresh, &samples);
+        builder.push_series(ok, &samples[..5]);
+        let batches = builder.finish();
+        assert_eq!(batches.len(), 3);
+        assert_eq!(write_batches(&store, batches).await, Ok(25));
+        let rows = |table: &str| {
+            store
+                .snapshot(table)
+                .map_or(0, |s| s.batches.iter().map(|b| b.num_rows()).sum::<usize>())
+        };
+        assert_eq!(rows("fresh"), 20);
+        assert_eq!(rows("mixed"), 6);
+
+        // A batch the store refuses does not stop the others; the count says what went in.
+        let mut builder = RowsBuilder::new(10);
+        builder.push_series(
+            map_series("mixed", [("mode", "x")], None).unwrap(),
+            &[(5, 1.0)],
+        );
+        let mut batches = builder.finish();
+        let mut builder = RowsBuilder::new(10);
+        builder.push_series(
+            map_series("fresh", [("x", "2")], None).unwrap(),
+            &[(5, 1.0)],
+        );
+        batches.extend(builder.finish());
+        match write_batches(&store, batches).await {
+            Err(WriteFailure::Rejected { message, stored }) => {
+                assert_eq!(stored, 1);
+                assert!(message.contains("mode"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rows_are_split_into_batches_of_at_most_max_rows() {
         let mut b = RowsBuilder::new(3);
