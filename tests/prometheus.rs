@@ -2,7 +2,7 @@
 //! vmagent scraping it and remote-writing to the collector, exact remote writes built here (prost + snappy, not the
 //! collector's own types), and every kind of malformed remote write, each answered with its precise 4xx while the
 //! collector keeps serving. Needs `prometheus-node-exporter` and `vmagent` (Debian packages
-//! `prometheus-node-exporter` and `vmagent`/`victoria-metrics`); everything listens on 127.0.0.1 only.
+//! `prometheus-node-exporter` and `victoria-metrics`, which has vmagent); everything listens on 127.0.0.1 only.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -309,7 +309,7 @@ fn vmagent_remote_writes_node_exporter_samples() {
     let dir = tempfile::TempDir::new().unwrap();
     let collector = start(&dir, "");
     let (_exporter, addr) = start_node_exporter(dir.path());
-    let vmagent = system_binary("vmagent", "vmagent (or victoria-metrics)");
+    let vmagent = system_binary("vmagent", "victoria-metrics");
     let scrape_config = dir.path().join("scrape.yml");
     std::fs::write(
         &scrape_config,
