@@ -59,6 +59,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .route("/api/v1/admin/flush", post(admin_flush))
         .route("/api/v1/admin/maintenance", post(admin_maintenance))
         .merge(crate::dragonfly::routes())
+        .merge(crate::forward::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))
