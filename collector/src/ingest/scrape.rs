@@ -511,7 +511,7 @@ impl Job {
             && len > limit as u64
         {
             return Err(format!(
-                "the page is {len} bytes, more than {limit} (max_write_bytes)"
+                "the page is {len} bytes, more than max_write_bytes ({limit} bytes)"
             ));
         }
         let gzip = response
@@ -523,7 +523,7 @@ impl Job {
         while let Some(chunk) = response.chunk().await.map_err(|e| self.request_error(&e))? {
             if body.len() + chunk.len() > limit {
                 return Err(format!(
-                    "the page is larger than {limit} bytes (max_write_bytes)"
+                    "the page is larger than max_write_bytes ({limit} bytes)"
                 ));
             }
             body.extend_from_slice(&chunk);
@@ -538,7 +538,7 @@ impl Job {
             .map_err(|e| format!("the page is not valid gzip: {e}"))?;
         if out.len() > limit {
             return Err(format!(
-                "the page decompresses to more than {limit} bytes (max_write_bytes)"
+                "the page decompresses to more than max_write_bytes ({limit} bytes)"
             ));
         }
         Ok(out)
@@ -672,6 +672,178 @@ mod tests {
             let e = validate_scrape_url(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    /// A fake exporter: `/ok` (gzip, with a timestamp, a `job` label and a bad line), `/404`, `/big` (over the
+    /// size limit), `/bomb` (gzip, over the limit once decompressed), `/slow` (never answers).
+    async fn fake_exporter() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let (status, gzip, body): (&str, bool, Vec<u8>) = match path.as_str() {
+                        "/ok" => {
+                            assert!(
+                                head.to_lowercase().contains("accept-encoding: gzip"),
+                                "{head}"
+                            );
+                            let page = "# TYPE temp gauge\ntemp{room=\"a\",job=\"theirs\"} 21.5\n\
+                                        old{x=\"1\"} 7 1700000000000\nbroken{ 1\n";
+                            let mut enc = flate2::write::GzEncoder::new(
+                                Vec::new(),
+                                flate2::Compression::fast(),
+                            );
+                            std::io::Write::write_all(&mut enc, page.as_bytes()).unwrap();
+                            ("200 OK", true, enc.finish().unwrap())
+                        }
+                        "/big" => ("200 OK", false, vec![b'#'; 10_000]),
+                        "/bomb" => {
+                            let mut enc = flate2::write::GzEncoder::new(
+                                Vec::new(),
+                                flate2::Compression::best(),
+                            );
+                            std::io::Write::write_all(&mut enc, &vec![b'#'; 1 << 20]).unwrap();
+                            ("200 OK", true, enc.finish().unwrap())
+                        }
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            return;
+                        }
+                        _ => ("404 Not Found", false, b"no".to_vec()),
+                    };
+                    let mut response = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        body.len()
+                    );
+                    if gzip {
+                        response.push_str("Content-Encoding: gzip\r\n");
+                    }
+                    response.push_str("\r\n");
+                    let _ = socket.write_all(response.as_bytes()).await;
+                    let _ = socket.write_all(&body).await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn sql(engine: &crate::query::QueryEngine, sql: &str) -> Vec<serde_json::Value> {
+        let result = engine.sql(sql).await.unwrap();
+        let json = crate::http::encode(&result, crate::http::Format::Json).unwrap();
+        serde_json::from_slice(&json).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scrapes_store_samples_and_record_failures() {
+        let base = fake_exporter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = CollectorConfig {
+            data_dir: dir.path().to_path_buf(),
+            wal_sync: crate::config::WalSync::None,
+            scrape_targets: ["/ok", "/404", "/big", "/bomb", "/slow", "/ok"]
+                .iter()
+                .map(|p| format!("{base}{p}"))
+                .collect(),
+            ..CollectorConfig::default()
+        };
+        let store = Store::open(&config).unwrap();
+        let engine = crate::query::QueryEngine::new(store.clone(), config.query_limits()).unwrap();
+        let scraper = Scraper::new(store.clone(), &config).with_settings(ScrapeSettings {
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_millis(500),
+            max_concurrent: 2,
+            max_body_bytes: 4096,
+            max_batch_points: 100,
+        });
+        let handle = scraper.handle();
+        // Listed once each, shown before the first scrape.
+        assert_eq!(handle.targets().len(), 5);
+        assert!(handle.targets().iter().all(|t| t.status == "unknown"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(scraper.run(async move {
+            let _ = stopped.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let t = handle.targets();
+            if t.iter().all(|t| t.scrapes + t.failures >= 2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{t:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(()).unwrap();
+        run.await.unwrap();
+
+        let ok = handle.target(&format!("{base}/ok")).unwrap();
+        assert_eq!(ok.status, "up", "{ok:?}");
+        assert_eq!(ok.last_samples, 2);
+        assert_eq!(ok.last_parse_errors.len(), 1, "{ok:?}");
+        assert!(ok.last_parse_errors[0].starts_with("line 4: "), "{ok:?}");
+        assert!(ok.parse_errors >= 2);
+        assert!(ok.last_body_bytes.unwrap() > 50);
+        let status = |path: &str| {
+            let h = handle.target(&format!("{base}{path}")).unwrap();
+            assert_eq!(h.status, "down", "{h:?}");
+            assert!(h.consecutive_failures >= 2, "{h:?}");
+            h.last_error.unwrap()
+        };
+        assert!(status("/404").contains("HTTP 404"));
+        assert!(status("/big").contains("max_write_bytes (4096 bytes)"));
+        assert!(status("/bomb").contains("decompresses to more than max_write_bytes"));
+        assert!(status("/slow").contains("pull_timeout_secs"));
+
+        let instance = base.trim_start_matches("http://");
+        let temp = sql(
+            &engine,
+            "SELECT room, job, exported_job, instance, value FROM temp LIMIT 1",
+        )
+        .await;
+        assert_eq!(
+            temp,
+            [
+                serde_json::json!({"room": "a", "job": "scrape", "exported_job": "theirs", "instance": instance, "value": 21.5})
+            ]
+        );
+        // The page's own timestamp is kept.
+        let old = sql(&engine, "SELECT DISTINCT time, value FROM old").await;
+        assert_eq!(
+            old,
+            [serde_json::json!({"time": "2023-11-14T22:13:20Z", "value": 7.0})]
+        );
+        let up = sql(
+            &engine,
+            "SELECT DISTINCT value FROM up WHERE instance IS NOT NULL ORDER BY value",
+        )
+        .await;
+        assert_eq!(
+            up,
+            [
+                serde_json::json!({"value": 0.0}),
+                serde_json::json!({"value": 1.0})
+            ]
+        );
+        let scraped = sql(
+            &engine,
+            "SELECT max(value) AS n FROM scrape_samples_scraped",
+        )
+        .await;
+        assert_eq!(scraped[0]["n"], 2.0);
     }
 
     #[test]
