@@ -194,7 +194,16 @@ fn malformed_requests_get_precise_errors_and_the_collector_keeps_serving() {
     let dir = tempfile::TempDir::new().unwrap();
     let collector = start(&dir, "max_write_bytes = 65536\nmax_line_bytes = 1024\n");
     let url = |q: &str| format!("{}/api/v2/write?{q}", collector.http);
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+    /// (what, url, headers, body, expected status, expected text in the message)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "no bucket",
             url("org=o"),

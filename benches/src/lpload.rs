@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "damselfly-lpload", about = "POST a line-protocol file to a server, measure values/s")]
+#[command(
+    name = "damselfly-lpload",
+    about = "POST a line-protocol file to a server, measure values/s"
+)]
 struct Cli {
     /// The line-protocol file.
     #[arg(long)]
@@ -90,7 +93,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         .ok_or("the file is empty")?;
     // Fields of the first line: the text between the first two unescaped spaces, split at commas.
     let text = String::from_utf8_lossy(first);
-    let fields_part = text.split(' ').nth(1).ok_or("the first line has no fields")?;
+    let fields_part = text
+        .split(' ')
+        .nth(1)
+        .ok_or("the first line has no fields")?;
     let values_per_line = fields_part.split(',').count();
     let bodies = Arc::new(bodies(&data, cli.lines_per_request.max(1)));
     let client = reqwest::Client::builder()
@@ -111,8 +117,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             cli.url.clone(),
         );
         workers.push(tokio::spawn(async move {
-            let mut latencies = hdrhistogram::Histogram::<u64>::new(3)
-                .map_err(|e| format!("histogram: {e}"))?;
+            let mut latencies =
+                hdrhistogram::Histogram::<u64>::new(3).map_err(|e| format!("histogram: {e}"))?;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(i) else { break };

@@ -491,7 +491,7 @@ pub fn write_table(
     }
     let sorted = sort_for_storage(&all)?;
     let times = time_column(&sorted)?;
-    let mut files = Vec::new();
+    let mut parts = Vec::new();
     let mut start = 0usize;
     while start < sorted.num_rows() {
         let hour = hour_of(times.value(start));
@@ -499,19 +499,53 @@ pub fn write_table(
         while end < sorted.num_rows() && hour_of(times.value(end)) == hour {
             end += 1;
         }
-        let part = sorted.slice(start, end - start);
-        files.push(write_file(
+        parts.push((hour, sorted.slice(start, end - start)));
+        start = end;
+    }
+    // Hour partitions are independent files: encode them on several threads (a flush after a backlog or of
+    // late data spans several hours), at most one per core, in partition order.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(parts.len());
+    let write = |(hour, part): &(i64, RecordBatch)| {
+        write_file(
             tables_dir,
             shard_id,
             table,
-            hour,
-            &part,
+            *hour,
+            part,
             wal_seq,
             row_group_rows,
-        )?);
-        start = end;
+        )
+    };
+    if threads <= 1 {
+        return parts.iter().map(write).collect();
     }
-    Ok(files)
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<ParquetFile>>> = (0..parts.len()).map(|_| None).collect();
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(part) = parts.get(i) else { break };
+                    let result = write(part);
+                    done.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(CollectorError::Wal(
+                    "internal error: a partition was not written".into(),
+                ))
+            })
+        })
+        .collect()
 }
 
 fn time_column(batch: &RecordBatch) -> Result<&TimestampNanosecondArray> {

@@ -138,6 +138,7 @@ pub fn parse(
         chunk_by_shape: HashMap::new(),
         series_by_raw_key: ahash::HashMap::default(),
         fields: Vec::new(),
+        irregular_line: false,
         errors: Vec::new(),
         rows: 0,
     };
@@ -240,6 +241,9 @@ struct Parser<'b, 'o, 's> {
     chunk_by_shape: HashMap<(usize, Vec<String>), usize>,
     series_by_raw_key: ahash::HashMap<&'b [u8], SeriesRef>,
     fields: Vec<PendingField<'b>>,
+    /// Whether a field of the current line was not where the previous line had it (or is new): only then can a
+    /// later field of the line repeat its name unnoticed by the positional match, so only then is it searched for.
+    irregular_line: bool,
     errors: Vec<LineError>,
     rows: usize,
 }
@@ -333,6 +337,7 @@ impl<'b> Parser<'b, '_, '_> {
             pos += 1;
         }
         self.fields.clear();
+        self.irregular_line = false;
         pos = self.parse_fields(pos, series.chunk as usize)?;
         // Optional timestamp.
         while pos < body.len() && body[pos] == b' ' {
@@ -546,6 +551,9 @@ impl<'b> Parser<'b, '_, '_> {
             let (value, next) = self.field_value(pos, &key)?;
             pos = next;
             let column = self.check_field(chunk, &key, &value, pos)?;
+            if column != Some(self.fields.len()) {
+                self.irregular_line = true;
+            }
             self.fields.push(PendingField { key, value, column });
             match body.get(pos) {
                 Some(b',') => pos += 1,
@@ -678,7 +686,11 @@ impl<'b> Parser<'b, '_, '_> {
             fields.iter().position(|c| c.key == key)
         };
         let wanted = value.field_type();
-        if self.fields.iter().any(|f| f.key == key) {
+        // Fields at their positional column so far each took a different column, the one at their own index: a
+        // name can only repeat when some field was elsewhere.
+        if (self.irregular_line || column != Some(guess))
+            && self.fields.iter().any(|f| f.key == key)
+        {
             return fail(at, format!("field {key:?} appears twice"));
         }
         match column {
@@ -926,8 +938,48 @@ fn parse_i64(text: &[u8]) -> Option<i64> {
     }
 }
 
+/// Powers of ten that f64 holds exactly.
+const EXACT_POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Plain decimals (`-12.34`: at most 15 digits, no exponent), the common case, without the general algorithm:
+/// the digits as an integer and the power of ten are both exact in f64, so one division rounds correctly
+/// (Clinger's fast path). Anything else returns None and goes the general way.
+fn parse_simple_decimal(text: &[u8]) -> Option<f64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    let mut mantissa: u64 = 0;
+    let mut count = 0;
+    let mut fraction_digits = None;
+    for (i, &b) in digits.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                count += 1;
+                if count > 15 {
+                    return None;
+                }
+            }
+            b'.' if fraction_digits.is_none() => fraction_digits = Some(digits.len() - i - 1),
+            _ => return None,
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction_digits.unwrap_or(0)];
+    Some(if negative { -value } else { value })
+}
+
 /// A finite float in decimal notation (`1`, `-1.5`, `.5`, `1e-3`); `NaN`, `inf` and hex are refused.
 fn parse_f64(text: &[u8]) -> Option<f64> {
+    if let Some(v) = parse_simple_decimal(text) {
+        return Some(v);
+    }
     if text.is_empty()
         || !text
             .iter()
@@ -1069,6 +1121,39 @@ mod tests {
         assert!(messages[7].contains("empty value"), "{messages:?}");
         assert!(messages[8].contains("no '='"), "{messages:?}");
         assert!(messages[9].contains("no closing quote"), "{messages:?}");
+    }
+
+    #[test]
+    fn simple_decimals_parse_exactly_as_the_general_path() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let digits = (x % 15 + 1) as usize;
+            let mut text = format!("{}", x % 10u64.pow(digits as u32));
+            let point = (x >> 40) as usize % (text.len() + 1);
+            text.insert(point, '.');
+            if x & 1 == 1 {
+                text.insert(0, '-');
+            }
+            let expected: Option<f64> = text.parse().ok();
+            assert_eq!(parse_f64(text.as_bytes()), expected, "{text}");
+            if let Some(fast) = parse_simple_decimal(text.as_bytes()) {
+                assert_eq!(fast.to_bits(), expected.unwrap().to_bits(), "{text}");
+            }
+        }
+        for text in ["58.13", "0.1", "-0.0", "100", "1.", ".5", "123456789012345"] {
+            let fast = parse_simple_decimal(text.as_bytes()).unwrap();
+            assert_eq!(
+                fast.to_bits(),
+                text.parse::<f64>().unwrap().to_bits(),
+                "{text}"
+            );
+        }
+        for text in ["1e5", "1234567890123456", ".", "-", "1.2.3", "--1"] {
+            assert!(parse_simple_decimal(text.as_bytes()).is_none(), "{text}");
+        }
     }
 
     #[test]
