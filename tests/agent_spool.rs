@@ -3,7 +3,7 @@
 //! agent killed mid-outage loses nothing it had spooled; a full spool drops the oldest batches and says so.
 //!
 //! The collector must come back on the port the agent was given, so these tests pick a free port (outside the
-//! ephemeral range, see [`free_port`]) and start collectors on it themselves; the shared harness only starts them
+//! ephemeral range, see `common::free_port`) and start collectors on it themselves; the shared harness only starts them
 //! on port 0. The tests are independent processes and run concurrently (the outage test takes about 1.5 minutes).
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{damselfly_bin, http_get, http_post, start_agent, wait_until};
+use common::{damselfly_bin, free_port, http_get, http_post, start_agent, wait_until};
 use serde_json::Value;
 
 const SEC: i64 = 1_000_000_000;
@@ -27,33 +27,6 @@ fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as i64
-}
-
-/// A free port below the kernel's ephemeral range (`ip_local_port_range`): nothing that binds port 0 or connects
-/// out (every other test, and the agent itself) can be handed it while the collector is down, so it is still free
-/// when the collector comes back.
-fn free_port() -> u16 {
-    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    if low > 11_024 {
-        let mut x = (now_ns() as u64) ^ (u64::from(std::process::id()) << 20);
-        for _ in 0..1000 {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let port = low - 1 - ((x >> 33) % 10_000) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `damselfly collector` on a fixed gRPC port (and a free HTTP port), killed when dropped.

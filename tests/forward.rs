@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{CollectorProc, Proc, http_get, wait_until};
+use common::{CollectorProc, Proc, free_port, http_get, wait_until};
 use damselfly_proto::v1::field::Value;
 use damselfly_proto::v1::ingest_client::IngestClient;
 use damselfly_proto::v1::{
@@ -32,32 +32,6 @@ fn now_ns() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as i64
-}
-
-/// A free port below the kernel's ephemeral range: nothing that binds port 0 or connects out can be handed it
-/// while VictoriaMetrics is down, so it is still free when the test starts it (as in `tests/agent_spool.rs`).
-fn free_port() -> u16 {
-    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768);
-    if low > 11_024 {
-        let mut x = (now_ns() as u64) ^ (u64::from(std::process::id()) << 20);
-        for _ in 0..1000 {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let port = low - 1 - ((x >> 33) % 10_000) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts VictoriaMetrics on `127.0.0.1:port` with its data in `dir`; returns once `/health` answers.

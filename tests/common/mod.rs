@@ -364,3 +364,38 @@ pub fn python_with_pyarrow() -> String {
     );
     python
 }
+
+/// Now, in nanoseconds since the epoch.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// A free port below the kernel's ephemeral range (`ip_local_port_range`): nothing that binds port 0 or connects
+/// out (every other test, and the agent itself) can be handed it while a server is down, so it is still free when
+/// the server comes back.
+pub fn free_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if low > 11_024 {
+        let mut x = (now_nanos() as u64) ^ (u64::from(std::process::id()) << 20);
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let port = low - 1 - ((x >> 33) % 10_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -113,84 +113,67 @@ fn influx_code(status: StatusCode) -> &'static str {
     }
 }
 
+/// The query parameters of both APIs (v2 names the namespace `bucket`, v1 `db`; the rest is ignored).
 #[derive(Debug, Deserialize)]
-struct V2Params {
+struct WriteParams {
     bucket: Option<String>,
-    precision: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct V1Params {
     db: Option<String>,
     precision: Option<String>,
 }
 
 async fn write_v2(
-    State(api): State<Arc<ApiState>>,
-    params: Result<Query<V2Params>, QueryRejection>,
+    State(state): State<Arc<ApiState>>,
+    params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request = (|| -> Result<(String, Precision), WriteError> {
-        let Query(params) = params.map_err(|e| {
-            WriteError::new(
-                Api::V2,
-                StatusCode::BAD_REQUEST,
-                format!("bad query string: {}", e.body_text()),
-            )
-        })?;
-        let precision = match params.precision.as_deref() {
-            None | Some("") => Precision::Nanoseconds,
-            Some(p) => Precision::parse_v2(p)
-                .map_err(|m| WriteError::new(Api::V2, StatusCode::BAD_REQUEST, m))?,
-        };
-        let bucket = params.bucket.filter(|b| !b.is_empty()).ok_or_else(|| {
-            WriteError::new(
-                Api::V2,
-                StatusCode::BAD_REQUEST,
-                "the bucket parameter is required (it becomes the ns_id tag)",
-            )
-        })?;
-        Ok((bucket, precision))
-    })();
-    match request {
-        Ok((bucket, precision)) => write(api, Api::V2, bucket, precision, &headers, body).await,
+    match request_params(Api::V2, params) {
+        Ok((bucket, precision)) => write(state, Api::V2, bucket, precision, &headers, body).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn write_v1(
-    State(api): State<Arc<ApiState>>,
-    params: Result<Query<V1Params>, QueryRejection>,
+    State(state): State<Arc<ApiState>>,
+    params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let request = (|| -> Result<(String, Precision), WriteError> {
-        let Query(params) = params.map_err(|e| {
-            WriteError::new(
-                Api::V1,
-                StatusCode::BAD_REQUEST,
-                format!("bad query string: {}", e.body_text()),
-            )
-        })?;
-        let precision = match params.precision.as_deref() {
-            None | Some("") => Precision::Nanoseconds,
-            Some(p) => Precision::parse_v1(p)
-                .map_err(|m| WriteError::new(Api::V1, StatusCode::BAD_REQUEST, m))?,
-        };
-        let db = params.db.filter(|b| !b.is_empty()).ok_or_else(|| {
-            WriteError::new(
-                Api::V1,
-                StatusCode::BAD_REQUEST,
-                "database is required: the db parameter is missing (it becomes the ns_id tag)",
-            )
-        })?;
-        Ok((db, precision))
-    })();
-    match request {
-        Ok((db, precision)) => write(api, Api::V1, db, precision, &headers, body).await,
+    match request_params(Api::V1, params) {
+        Ok((db, precision)) => write(state, Api::V1, db, precision, &headers, body).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The namespace (bucket or db) and the precision of a request.
+fn request_params(
+    api: Api,
+    params: Result<Query<WriteParams>, QueryRejection>,
+) -> Result<(String, Precision), WriteError> {
+    let bad = |message: String| WriteError::new(api, StatusCode::BAD_REQUEST, message);
+    let Query(params) = params.map_err(|e| bad(format!("bad query string: {}", e.body_text())))?;
+    let precision = match params.precision.as_deref() {
+        None | Some("") => Precision::Nanoseconds,
+        Some(p) => match api {
+            Api::V2 => Precision::parse_v2(p),
+            Api::V1 => Precision::parse_v1(p),
+        }
+        .map_err(bad)?,
+    };
+    let (namespace, missing) = match api {
+        Api::V2 => (
+            params.bucket,
+            "the bucket parameter is required (it becomes the ns_id tag)",
+        ),
+        Api::V1 => (
+            params.db,
+            "database is required: the db parameter is missing (it becomes the ns_id tag)",
+        ),
+    };
+    let namespace = namespace
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| bad(missing.to_owned()))?;
+    Ok((namespace, precision))
 }
 
 /// The body as sent, decompressed when it is gzip, bounded by `limit` either way.
