@@ -10,6 +10,10 @@
 //! * `POST /api/v1/admin/flush` — writes the buffer to Parquet now: `{"files": n}`.
 //! * `POST /api/v1/admin/maintenance` — runs a maintenance pass (compaction, rollups, retention) now and returns
 //!   its report ([`crate::maintenance::PassReport`]).
+//! * `POST /api/v2/write`, `POST /write` — InfluxDB line protocol ([`crate::ingest::influx`]); `POST
+//!   /api/v1/write` — Prometheus remote write, `GET /api/v1/scrape/targets` — scrape health
+//!   ([`crate::ingest::remote_write`]); `GET /api/v1/forward` — forwarding counters ([`crate::forward`]);
+//!   `GET /dragonfly/ns/{ns}/mcis/{mcis}/vm/{vm}/metric/{metric}/info` — CB-Dragonfly's API ([`crate::dragonfly`]).
 //! * `POST /api/v1/sql` — the body is one SQL statement (UTF-8 text). `?format=json` (default: an array of row
 //!   objects, nulls explicit), `csv` (with a header row) or `arrow` (an Arrow IPC stream, for clients that want
 //!   types). Errors are JSON `{"error": "..."}`; the status codes are listed on [`status_of`] (plus `400` for bad
