@@ -352,7 +352,7 @@ impl Pusher {
                     message: format!("seq {}: {}", ack.seq, ack.message),
                 });
             }
-            Ok(AckStatus::Unspecified) | Err(_) => {
+            Ok(AckStatus::Unspecified | AckStatus::Redirect) | Err(_) => {
                 return Some(SessionEnd::Failed(format!(
                     "ack for seq {} has unknown status {}",
                     ack.seq, ack.status

@@ -1,6 +1,7 @@
 //! The Damselfly wire protocol, package `damselfly.v1`: the types agents and collectors exchange, generated from
 //! `damselfly/v1/ingest.proto` (read that file for the delivery contract), plus [`columnar`], the one conversion from
-//! row-wise points to the columnar chunks that both ends use.
+//! row-wise points to the columnar chunks that both ends use, and [`shards`], the rendezvous hashing that tells
+//! agents and shards alike which shard owns an agent.
 
 /// Generated code for `damselfly.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -9,3 +10,4 @@ pub mod v1 {
 }
 
 pub mod columnar;
+pub mod shards;

@@ -472,7 +472,7 @@ impl Agent {
                 self.paused_until = Some(self.paused_until.map_or(wake, |t| t.max(wake)));
                 self.resend.insert(p.seq, p);
             }
-            Ok(AckStatus::Unspecified) | Err(_) => {
+            Ok(AckStatus::Unspecified | AckStatus::Redirect) | Err(_) => {
                 self.in_flight.push_front(p);
                 return Err(format!(
                     "ack for seq {} has unknown status {}",
