@@ -49,6 +49,10 @@ enum Command {
         /// Seconds between the local agent's collection rounds.
         #[arg(long, value_name = "SECS", default_value_t = 10)]
         interval: u64,
+        /// Run this many collector shards in this process (ids s0, s1, ...; consecutive ports from --http and
+        /// --grpc; one shared store under the data directory), to try sharding on one machine.
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        shards: u16,
     },
     /// Run a collector (gRPC ingest, WAL, Parquet store, SQL over HTTP).
     Collector {
@@ -145,6 +149,15 @@ struct CollectorArgs {
     /// WAL durability: fsync (default) or none (survives a process crash, not a power loss).
     #[arg(long, value_name = "POLICY")]
     wal_sync: Option<WalSyncArg>,
+    /// This shard's id [default: s0].
+    #[arg(long, value_name = "ID")]
+    shard_id: Option<String>,
+    /// TOML file listing every shard (`[[shards]]` with id, grpc_url, http_url); re-read when it changes.
+    #[arg(long, value_name = "FILE")]
+    shards_file: Option<PathBuf>,
+    /// The shared store: the directory all shards write their Parquet files to (each under shard=<id>/).
+    #[arg(long, value_name = "DIR")]
+    shared_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -175,6 +188,15 @@ impl CollectorArgs {
         }
         if let Some(v) = self.flush_interval {
             c.flush_interval_secs = v;
+        }
+        if let Some(v) = &self.shard_id {
+            c.shard_id.clone_from(v);
+        }
+        if let Some(v) = &self.shards_file {
+            c.shards_file = Some(v.clone());
+        }
+        if let Some(v) = &self.shared_dir {
+            c.shared_dir = Some(v.clone());
         }
         if let Some(v) = self.wal_sync {
             c.wal_sync = match v {
@@ -289,6 +311,12 @@ fn main() -> ExitCode {
             Command::Up {
                 collector,
                 interval,
+                shards,
+            } if shards > 1 => up_sharded(&collector, interval, shards).await,
+            Command::Up {
+                collector,
+                interval,
+                ..
             } => up(&collector, interval).await,
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
@@ -392,6 +420,139 @@ async fn up(args: &CollectorArgs, interval: u64) -> ExitCode {
         return ExitCode::FAILURE;
     }
     finish(result)
+}
+
+/// `damselfly up --shards N`: N collector shards in this process, one shared store, and the local agent.
+async fn up_sharded(args: &CollectorArgs, interval: u64, shards: u16) -> ExitCode {
+    let base = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let configs = match sharded_configs(&base, shards) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut collectors = Vec::with_capacity(configs.len());
+    for config in configs {
+        match Collector::bind(config).await {
+            Ok(c) => collectors.push(c),
+            Err(e) => {
+                eprintln!("damselfly: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let Some(first) = collectors.first() else {
+        return ExitCode::FAILURE;
+    };
+    let data_dir = base.data_dir.clone();
+    let agent_config = AgentConfig {
+        collector: Some(format!("http://{}", first.grpc_addr())),
+        interval,
+        state_dir: Some(data_dir.join("agent")),
+        ..AgentConfig::default()
+    };
+    if let Err(e) = agent_config.validate() {
+        eprintln!("damselfly: {e}");
+        return ExitCode::from(2);
+    }
+    print_endpoints(first, &data_dir);
+    for c in &collectors {
+        println!(
+            "  shard {}: grpc http://{} http http://{}",
+            c.store().config().shard_id,
+            c.grpc_addr(),
+            c.http_addr()
+        );
+    }
+    println!("  agent: this machine, every {interval} s");
+
+    let (stop_agent_tx, stop_agent_rx) = watch::channel(false);
+    let (stop_collector_tx, stop_collector_rx) = watch::channel(false);
+    let tasks: Vec<_> = collectors
+        .into_iter()
+        .map(|c| tokio::spawn(c.run(wait_for(stop_collector_rx.clone()))))
+        .collect();
+    let mut agent_task = tokio::spawn(damselfly_agent::run(agent_config, wait_for(stop_agent_rx)));
+    let mut agent_failed = false;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        r = &mut agent_task => {
+            agent_failed = true;
+            report_agent(r);
+        }
+    }
+    let _ = stop_agent_tx.send(true);
+    if !agent_failed {
+        report_agent(agent_task.await);
+    }
+    let _ = stop_collector_tx.send(true);
+    let mut code = if agent_failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    };
+    for task in tasks {
+        let result = task
+            .await
+            .unwrap_or_else(|e| Err(damselfly_collector::CollectorError::Server(e.to_string())));
+        if finish(result) != ExitCode::SUCCESS {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
+/// The configs of `n` shards on one machine: ids `s0..`, data directories `<data_dir>/shard-<id>`, one shared
+/// store (`shared_dir`, default `<data_dir>/shared`), and ports counting up from the base addresses.
+fn sharded_configs(base: &CollectorConfig, n: u16) -> Result<Vec<CollectorConfig>, String> {
+    if base.grpc_addr.port() == 0 || base.http_addr.port() == 0 {
+        return Err(
+            "--shards needs fixed ports (not 0): shard i listens on the given port + i".into(),
+        );
+    }
+    let data_dir = std::path::absolute(&base.data_dir)
+        .map_err(|e| format!("cannot resolve {}: {e}", base.data_dir.display()))?;
+    let shared = match &base.shared_dir {
+        Some(d) => {
+            std::path::absolute(d).map_err(|e| format!("cannot resolve {}: {e}", d.display()))?
+        }
+        None => data_dir.join("shared"),
+    };
+    let port = |addr: SocketAddr, i: u16| {
+        addr.port()
+            .checked_add(i)
+            .map(|p| SocketAddr::new(addr.ip(), p))
+            .ok_or_else(|| format!("port {} + {i} is beyond 65535", addr.port()))
+    };
+    let mut list = Vec::new();
+    for i in 0..n {
+        list.push(damselfly_collector::cluster::ShardEndpoint {
+            id: format!("s{i}"),
+            grpc_url: format!("http://{}", port(base.grpc_addr, i)?),
+            http_url: format!("http://{}", port(base.http_addr, i)?),
+        });
+    }
+    let mut configs = Vec::new();
+    for (i, shard) in (0..n).zip(&list) {
+        let mut c = base.clone();
+        c.shard_id.clone_from(&shard.id);
+        c.data_dir = data_dir.join(format!("shard-{}", shard.id));
+        c.shared_dir = Some(shared.clone());
+        c.grpc_addr = port(base.grpc_addr, i)?;
+        c.http_addr = port(base.http_addr, i)?;
+        c.shards = list.clone();
+        c.shards_file = None;
+        c.validate().map_err(|e| e.to_string())?;
+        configs.push(c);
+    }
+    Ok(configs)
 }
 
 fn report_agent(
@@ -505,10 +666,18 @@ async fn run_sql(args: &SqlArgs) -> Result<(), SqlFailure> {
             ))
         })?;
     let status = response.status();
+    let partial = response
+        .headers()
+        .get("x-damselfly-partial-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = response
         .bytes()
         .await
         .map_err(|e| failure(1)(format!("cannot read the response from {base}: {e}")))?;
+    if let Some(reason) = &partial {
+        eprintln!("damselfly sql: WARNING: the result is partial: {reason}");
+    }
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()

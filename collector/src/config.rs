@@ -29,8 +29,21 @@ pub struct CollectorConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP API address. Default `127.0.0.1:8086`; port 0 picks a free port.
     pub http_addr: SocketAddr,
-    /// This shard's id; it prefixes every file the shard writes. Default `s0`.
+    /// This shard's id; it prefixes every file the shard writes and names its directory in the shared store.
+    /// Default `s0`.
     pub shard_id: String,
+    /// Every shard of the deployment, this one included (`[[shards]]` with `id`, `grpc_url`, `http_url`). Empty
+    /// (the default) or one entry: a single collector. See [`crate::cluster`].
+    pub shards: Vec<crate::cluster::ShardEndpoint>,
+    /// A TOML file with the `[[shards]]` list instead, re-read whenever it changes (checked every
+    /// `shard_probe_interval_ms`) and on `POST /api/v1/shards/reload`. Default: none.
+    pub shards_file: Option<PathBuf>,
+    /// How often each shard checks that the others answer (milliseconds). Default 1000, 100 to 60,000.
+    pub shard_probe_interval_ms: u64,
+    /// The shared store: the directory every shard writes its Parquet files to, each under `shard=<shard_id>/`
+    /// (`data/` for tables, `rollups/` for rollups), and reads the others' from. Default: none (files stay in
+    /// `<data_dir>/data` and `<data_dir>/rollups`, which is right for a single collector).
+    pub shared_dir: Option<PathBuf>,
     /// Durability policy of the WAL. Default `fsync`.
     pub wal_sync: WalSync,
     /// Flush the buffer to Parquet at least this often (seconds). Default 60.
@@ -119,6 +132,10 @@ impl Default for CollectorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8086)),
             shard_id: "s0".to_string(),
+            shards: Vec::new(),
+            shards_file: None,
+            shard_probe_interval_ms: 1_000,
+            shared_dir: None,
             wal_sync: WalSync::Fsync,
             flush_interval_secs: 60,
             flush_buffer_bytes: 64 << 20,
@@ -260,6 +277,18 @@ impl CollectorConfig {
                 return bad(format!("forward[{i}]: {reason}"));
             }
         }
+        if !(100..=60_000).contains(&self.shard_probe_interval_ms) {
+            return bad(format!(
+                "shard_probe_interval_ms ({}) must be between 100 and 60000",
+                self.shard_probe_interval_ms
+            ));
+        }
+        if !self.shards.is_empty() && self.shards_file.is_some() {
+            return bad("set either shards or shards_file, not both".into());
+        }
+        if let Err(reason) = crate::cluster::validate_shards(&self.shard_id, &self.shards) {
+            return bad(format!("shards: {reason}"));
+        }
         crate::retention::validate_keys(self)?;
         Ok(())
     }
@@ -284,8 +313,21 @@ impl CollectorConfig {
         self.data_dir.join("wal")
     }
 
+    /// Where this shard's Parquet files live: `<shared_dir>/shard=<shard_id>` with a shared store, else
+    /// `data_dir`. Tables are in `data/` below it, rollups in `rollups/`.
+    pub fn shard_root(&self) -> PathBuf {
+        match &self.shared_dir {
+            Some(shared) => crate::cluster::shard_root(shared, &self.shard_id),
+            None => self.data_dir.clone(),
+        }
+    }
+
     pub fn tables_dir(&self) -> PathBuf {
-        self.data_dir.join("data")
+        self.shard_root().join("data")
+    }
+
+    pub fn rollups_dir(&self) -> PathBuf {
+        self.shard_root().join("rollups")
     }
 
     pub fn state_dir(&self) -> PathBuf {

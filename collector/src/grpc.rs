@@ -12,6 +12,7 @@
 //! OK carrying RETRY, so a client that only checks the status cannot take a refused batch for a stored one.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
@@ -24,6 +25,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::agents::AgentRegistry;
+use crate::cluster::{Cluster, unreachable_from};
 use crate::store::{Store, WriteOutcome};
 
 /// Batches of one stream being stored at once. Agents keep a handful in flight; this bounds a greedy client.
@@ -35,6 +37,8 @@ pub struct IngestService {
     store: Store,
     /// Told about every STORED or DUPLICATE batch, so a pushing agent counts as heard from.
     registry: Option<AgentRegistry>,
+    /// With other shards: batches of agents another shard owns are answered REDIRECT.
+    cluster: Option<Cluster>,
 }
 
 impl IngestService {
@@ -42,7 +46,14 @@ impl IngestService {
         IngestService {
             store,
             registry: None,
+            cluster: None,
         }
+    }
+
+    /// Answers REDIRECT to batches of agents that another live shard of `cluster` owns.
+    pub fn with_cluster(mut self, cluster: Cluster) -> IngestService {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Notes each stored (or duplicate) batch's agent in `registry`.
@@ -158,6 +169,30 @@ pub struct ProtoDuration {
     pub nanos: i32,
 }
 
+/// The REDIRECT ack for a batch of an agent that `owner` owns. Nothing was stored.
+fn redirect_ack(seq: u64, cluster: &Cluster, owner: &crate::cluster::ShardEndpoint) -> Ack {
+    Ack {
+        seq,
+        status: AckStatus::Redirect as i32,
+        message: format!(
+            "this is shard {}; agents of this id belong to shard {} ({})",
+            cluster.self_id(),
+            owner.id,
+            owner.grpc_url
+        ),
+        redirect: Some(cluster.shard_info(owner)),
+        ..Ack::default()
+    }
+}
+
+/// Where a batch goes: `Some(ack)` when another shard owns its agent.
+fn route(cluster: Option<&Cluster>, batch: &WriteBatch, unreachable: &[String]) -> Option<Ack> {
+    let cluster = cluster?;
+    let unreachable: Vec<&str> = unreachable.iter().map(String::as_str).collect();
+    let owner = cluster.owner_of(&batch.agent_id, &unreachable)?;
+    Some(redirect_ack(batch.seq, cluster, &owner))
+}
+
 /// Stores a batch; a STORED or DUPLICATE batch counts as hearing from its agent.
 async fn store_batch(
     store: &Store,
@@ -194,14 +229,21 @@ impl Ingest for IngestService {
         let peer = request.remote_addr();
         let store = self.store.clone();
         let registry = self.registry.clone();
+        let cluster = self.cluster.clone();
+        let unreachable = Arc::new(unreachable_from(request.metadata()));
         let acks = request
             .into_inner()
             .map(move |item| {
                 let store = store.clone();
                 let registry = registry.clone();
+                let cluster = cluster.clone();
+                let unreachable = unreachable.clone();
                 async move {
                     match item {
                         Ok(batch) => {
+                            if let Some(ack) = route(cluster.as_ref(), &batch, &unreachable) {
+                                return Ok(ack);
+                            }
                             let seq = batch.seq;
                             Ok(ack_for(
                                 seq,
@@ -222,7 +264,11 @@ impl Ingest for IngestService {
     }
 
     async fn write(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
+        let unreachable = unreachable_from(request.metadata());
         let batch = request.into_inner();
+        if let Some(ack) = route(self.cluster.as_ref(), &batch, &unreachable) {
+            return Ok(Response::new(ack));
+        }
         let seq = batch.seq;
         match store_batch(&self.store, self.registry.as_ref(), batch).await {
             WriteOutcome::Retry { message, after } => Err(retry_status(&message, after)),

@@ -17,7 +17,11 @@
 //! * `POST /api/v1/sql` — the body is one SQL statement (UTF-8 text). `?format=json` (default: an array of row
 //!   objects, nulls explicit), `csv` (with a header row) or `arrow` (an Arrow IPC stream, for clients that want
 //!   types). Errors are JSON `{"error": "..."}`; the status codes are listed on [`status_of`] (plus `400` for bad
-//!   parameters or an empty or non-UTF-8 body and `413` for a body over `max_sql_bytes`).
+//!   parameters or an empty or non-UTF-8 body and `413` for a body over `max_sql_bytes`). With shards, a result
+//!   that may lack a shard's data (it did not answer) carries [`PARTIAL_HEADER`] (the shard ids) and
+//!   [`PARTIAL_REASON_HEADER`]; `?complete=true` turns that into a `503`.
+//! * `GET /api/v1/shards`, `POST /api/v1/shards/assign`, `POST /api/v1/shards/reload` — the shard map
+//!   ([`crate::cluster`]).
 
 use std::sync::Arc;
 
@@ -50,6 +54,8 @@ pub struct ApiState {
     pub forward: crate::forward::ForwardHandle,
     /// Scraping of Prometheus exporters (an empty handle when nothing is scraped).
     pub scrape: crate::ingest::scrape::ScrapeHandle,
+    /// The shard map and the peers (a map of one when the collector is not sharded).
+    pub cluster: crate::cluster::Cluster,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
@@ -64,6 +70,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .route("/api/v1/admin/maintenance", post(admin_maintenance))
         .merge(crate::dragonfly::routes())
         .merge(crate::forward::routes())
+        .merge(crate::cluster::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))
@@ -254,6 +261,8 @@ impl Format {
 #[derive(Debug, Deserialize)]
 struct SqlParams {
     format: Option<String>,
+    /// `true`: answer 503 instead of a partial result when a shard does not answer.
+    complete: Option<bool>,
 }
 
 async fn sql(
@@ -289,15 +298,65 @@ async fn sql(
         ));
     }
     let result = api.engine.sql(text).await?;
+    if params.complete.unwrap_or(false) && !result.missing_shards.is_empty() {
+        return Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "the result would be partial (complete=true): {}",
+                missing_text(&result.missing_shards)
+            ),
+        });
+    }
     let bytes = encode(&result, format).map_err(|e| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!("cannot encode the result as {format:?}: {e}"),
     })?;
-    Ok((
+    let mut response = (
         [(header::CONTENT_TYPE, format.content_type())],
         Body::from(bytes),
     )
-        .into_response())
+        .into_response();
+    if !result.missing_shards.is_empty() {
+        // Headers, so that every format (JSON array, CSV, Arrow) keeps its shape.
+        let ids: Vec<&str> = result
+            .missing_shards
+            .iter()
+            .map(|m| m.shard.as_str())
+            .collect();
+        let headers = response.headers_mut();
+        for (name, value) in [
+            (PARTIAL_HEADER, ids.join(",")),
+            (PARTIAL_REASON_HEADER, missing_text(&result.missing_shards)),
+        ] {
+            let ascii: String = value
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_graphic() || c == ' ' {
+                        c
+                    } else {
+                        '?'
+                    }
+                })
+                .collect();
+            if let Ok(v) = header::HeaderValue::from_str(&ascii) {
+                headers.insert(name, v);
+            }
+        }
+    }
+    Ok(response)
+}
+
+/// Response header of a partial SQL result (sharded collectors): the ids of the shards it may lack, comma-separated.
+pub const PARTIAL_HEADER: &str = "x-damselfly-partial";
+/// Response header of a partial SQL result: why each shard is missing.
+pub const PARTIAL_REASON_HEADER: &str = "x-damselfly-partial-reason";
+
+fn missing_text(missing: &[crate::cluster::MissingShard]) -> String {
+    missing
+        .iter()
+        .map(|m| format!("shard {} {}", m.shard, m.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Serialises a query result.

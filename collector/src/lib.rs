@@ -5,11 +5,13 @@
 //! flushes them to Parquet files ([`persist`]) partitioned by table and hour. [`query`] answers SQL with DataFusion
 //! over files and buffer together, served over HTTP ([`http`]). [`maintenance`] compacts partitions ([`compaction`]),
 //! builds 1-minute and 1-hour [`rollup`]s and applies [`retention`] in the background. [`server::Collector`] runs
-//! all of it.
+//! all of it; [`cluster`] makes
+//! several collectors one sharded deployment.
 
 pub mod agents;
 pub mod buffer;
 pub mod catalog;
+pub mod cluster;
 pub mod compaction;
 pub mod config;
 pub mod dedup;

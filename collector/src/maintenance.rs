@@ -320,7 +320,7 @@ impl Maintenance {
 
     async fn roll_up(&self, now: i64, failed: &HashSet<(String, i64)>, report: &mut PassReport) {
         let config = &self.inner.config;
-        let root = rollup::rollups_dir(&config.data_dir);
+        let root = config.rollups_dir();
         let jobs = self.inner.store.with_state(|s| {
             rollup::plan(
                 &s.files,

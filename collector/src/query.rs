@@ -9,6 +9,7 @@
 //! Queries are read-only: DDL, DML and statements such as `COPY` or `CREATE EXTERNAL TABLE` (which would read or
 //! write arbitrary local files) are refused. Each query runs under a memory limit and a timeout.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::{
     Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
 };
@@ -31,6 +32,8 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
+use crate::catalog::{Catalog, TableSchema};
+use crate::cluster::{Cluster, MissingShard, local_snapshot};
 use crate::model::TIME_COLUMN;
 use crate::persist::{ParquetFile, conform};
 use crate::rollup::{self, Resolution};
@@ -89,6 +92,9 @@ pub struct QueryLimits {
 pub struct QueryResult {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
+    /// Shards whose data the result may lack (sharded collectors: a peer that did not answer); empty when the
+    /// result is complete.
+    pub missing_shards: Vec<MissingShard>,
 }
 
 impl QueryResult {
@@ -102,6 +108,11 @@ impl QueryResult {
 pub struct QueryEngine {
     ctx: SessionContext,
     limits: QueryLimits,
+    store: Store,
+    config: SessionConfig,
+    runtime: Arc<RuntimeEnv>,
+    /// With other shards, each query gets its own context whose tables span every shard ([`ClusterSchema`]).
+    cluster: Option<Cluster>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -131,7 +142,7 @@ impl QueryEngine {
         parquet.enable_page_index = true;
         parquet.pushdown_filters = true;
         parquet.reorder_filters = true;
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let ctx = SessionContext::new_with_config_rt(config.clone(), runtime.clone());
         let catalog = ctx
             .catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("the default catalog is missing".into()))?;
@@ -148,9 +159,55 @@ impl QueryEngine {
                 .map_err(QueryError::from)?;
         }
         catalog
-            .register_schema("public", Arc::new(StoreSchema { store }))
+            .register_schema(
+                "public",
+                Arc::new(StoreSchema {
+                    store: store.clone(),
+                }),
+            )
             .map_err(QueryError::from)?;
-        Ok(QueryEngine { ctx, limits })
+        Ok(QueryEngine {
+            ctx,
+            limits,
+            store,
+            config,
+            runtime,
+            cluster: None,
+        })
+    }
+
+    /// Makes queries span every shard of `cluster` (when it has other shards).
+    pub fn with_cluster(mut self, cluster: Cluster) -> QueryEngine {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The context a query runs in, and where its tables note the shards they could not fully read.
+    fn context(&self) -> Result<(SessionContext, Option<MissingShards>), QueryError> {
+        let Some(cluster) = self.cluster.as_ref().filter(|c| c.is_sharded()) else {
+            return Ok((self.ctx.clone(), None));
+        };
+        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        let catalog = ctx
+            .catalog("datafusion")
+            .ok_or_else(|| QueryError::Internal("the default catalog is missing".into()))?;
+        let missing = MissingShards::default();
+        let names =
+            std::iter::once("public").chain(Resolution::ALL.iter().map(|r| r.schema_name()));
+        for name in names {
+            catalog
+                .register_schema(
+                    name,
+                    Arc::new(ClusterSchema {
+                        store: self.store.clone(),
+                        cluster: cluster.clone(),
+                        schema: name,
+                        missing: missing.clone(),
+                    }),
+                )
+                .map_err(QueryError::from)?;
+        }
+        Ok((ctx, Some(missing)))
     }
 
     /// Plans and runs one read-only SQL statement.
@@ -159,11 +216,17 @@ impl QueryEngine {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
+        let (ctx, missing) = self.context()?;
         let run = async {
-            let frame = self.ctx.sql_with_options(sql, options).await?;
+            let frame = ctx.sql_with_options(sql, options).await?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;
-            Ok::<_, DataFusionError>(QueryResult { schema, batches })
+            let missing_shards = missing.map(|m| m.take()).unwrap_or_default();
+            Ok::<_, DataFusionError>(QueryResult {
+                schema,
+                batches,
+                missing_shards,
+            })
         };
         let result = tokio::time::timeout(self.limits.timeout, run)
             .await
@@ -230,6 +293,98 @@ impl SchemaProvider for RollupSchema {
     fn table_exist(&self, name: &str) -> bool {
         rollup::snapshot(&self.store, self.resolution, name).is_some()
     }
+}
+
+/// The shards a query could not fully read, noted by its tables while it is planned.
+#[derive(Debug, Clone, Default)]
+struct MissingShards(Arc<std::sync::Mutex<BTreeMap<String, String>>>);
+
+impl MissingShards {
+    fn note(&self, missing: Vec<MissingShard>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for m in missing {
+            map.entry(m.shard).or_insert(m.reason);
+        }
+    }
+
+    fn take(&self) -> Vec<MissingShard> {
+        let map = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        map.into_iter()
+            .map(|(shard, reason)| MissingShard { shard, reason })
+            .collect()
+    }
+}
+
+/// One schema (`public`, `rollup_1m`, `rollup_1h`) over every shard: a table is this shard's snapshot plus each
+/// peer's (files and buffered rows, asked for when the query is planned; see [`crate::cluster`]).
+#[derive(Debug)]
+struct ClusterSchema {
+    store: Store,
+    cluster: Cluster,
+    schema: &'static str,
+    missing: MissingShards,
+}
+
+#[async_trait]
+impl SchemaProvider for ClusterSchema {
+    fn table_names(&self) -> Vec<String> {
+        let mut names: BTreeSet<String> = match self.schema {
+            "public" => self.store.table_names().into_iter().collect(),
+            _ => Resolution::ALL
+                .into_iter()
+                .filter(|r| r.schema_name() == self.schema)
+                .flat_map(|r| rollup::table_names(&self.store, r))
+                .collect(),
+        };
+        names.extend(self.cluster.peer_table_names(self.schema));
+        names.into_iter().collect()
+    }
+
+    async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let local = local_snapshot(&self.store, self.schema, name);
+        // Other shards are only asked about names a table can have.
+        if crate::model::check_measurement(name).is_err() {
+            return Ok(local
+                .map(|snapshot| Arc::new(SnapshotTable::new(snapshot)) as Arc<dyn TableProvider>));
+        }
+        let (peers, missing) = self.cluster.peer_tables(self.schema, name).await;
+        self.missing.note(missing);
+        if local.is_none() && peers.is_empty() {
+            return Ok(None);
+        }
+        let mut catalog = Catalog::default();
+        let mut files = Vec::new();
+        let mut batches = Vec::new();
+        if let Some(local) = local {
+            merge_schema(&mut catalog, name, &local.schema)?;
+            files.extend(local.files);
+            batches.extend(local.batches);
+        }
+        for peer in peers {
+            merge_schema(&mut catalog, name, &peer.schema)?;
+            files.extend(peer.files);
+            batches.extend(peer.batches);
+        }
+        let schema = catalog.table(name).cloned().unwrap_or_default();
+        Ok(Some(Arc::new(SnapshotTable::new(TableSnapshot {
+            schema,
+            files,
+            batches,
+        }))))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        local_snapshot(&self.store, self.schema, name).is_some()
+            || self.cluster.peer_table_names(self.schema).contains(name)
+    }
+}
+
+fn merge_schema(catalog: &mut Catalog, table: &str, schema: &TableSchema) -> DfResult<()> {
+    catalog.merge_table(table, schema).map_err(|conflict| {
+        DataFusionError::Plan(format!(
+            "the shards disagree about table {table:?}: {conflict}"
+        ))
+    })
 }
 
 /// One table at one moment: its files plus its buffered rows.

@@ -84,11 +84,6 @@ impl Resolution {
     }
 }
 
-/// Where rollups live: `<data_dir>/rollups`.
-pub fn rollups_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("rollups")
-}
-
 /// The state of a source hour partition a rollup was built from: when it differs from the partition's current
 /// state, the rollup is stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

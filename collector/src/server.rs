@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agents::{AgentRegistry, AgentsService};
+use crate::cluster::{Cluster, ShardEndpoint, ShardsService};
 use crate::compaction::{FailAction, Failpoint};
 use crate::config::CollectorConfig;
 use crate::error::{CollectorError, Result};
@@ -31,6 +32,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// A collector whose store is open and whose sockets are bound.
 #[derive(Debug)]
 pub struct Collector {
+    cluster: Cluster,
     store: Store,
     engine: QueryEngine,
     registry: AgentRegistry,
@@ -60,21 +62,45 @@ impl Collector {
     /// Opens the store under `config.data_dir` and binds the gRPC and HTTP addresses.
     pub async fn bind(config: CollectorConfig) -> Result<Collector> {
         config.validate()?;
+        let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
+        let (http, http_addr) = bind(config.http_addr).await?;
+        let cluster = Cluster::new(
+            &config,
+            ShardEndpoint {
+                id: config.shard_id.clone(),
+                grpc_url: format!("http://{grpc_addr}"),
+                http_url: format!("http://{http_addr}"),
+            },
+        )?;
+        if cluster.is_sharded() {
+            // Know who answers before asking them about this shard's WAL.
+            cluster.probe().await;
+        }
         let open_config = config.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&open_config))
-            .await
-            .map_err(|e| CollectorError::Server(format!("opening the store failed: {e}")))??;
+        let reconcile = cluster.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let store = tokio::task::spawn_blocking(move || {
+            Store::open_reconciled(&open_config, |batches| {
+                if reconcile.is_sharded() {
+                    runtime.block_on(reconcile.stored_elsewhere(batches))
+                } else {
+                    Default::default()
+                }
+            })
+        })
+        .await
+        .map_err(|e| CollectorError::Server(format!("opening the store failed: {e}")))??;
         let engine = QueryEngine::new(store.clone(), config.query_limits())
-            .map_err(|e| CollectorError::Server(format!("cannot set up the query engine: {e}")))?;
+            .map_err(|e| CollectorError::Server(format!("cannot set up the query engine: {e}")))?
+            .with_cluster(cluster.clone());
         let registry_config = config.clone();
         let registry = tokio::task::spawn_blocking(move || AgentRegistry::open(&registry_config))
             .await
             .map_err(|e| {
                 CollectorError::Server(format!("loading the agent registry failed: {e}"))
             })??;
-        let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
-        let (http, http_addr) = bind(config.http_addr).await?;
         Ok(Collector {
+            cluster,
             store,
             engine,
             registry,
@@ -91,6 +117,11 @@ impl Collector {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The shard map and the peers.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     pub fn store(&self) -> &Store {
@@ -117,12 +148,15 @@ impl Collector {
 
         let ingest = IngestService::new(self.store.clone())
             .with_registry(self.registry.clone())
+            .with_cluster(self.cluster.clone())
             .into_server(config.max_grpc_message_bytes);
         let agents = AgentsService::new(self.registry.clone()).into_server();
+        let shards = ShardsService::new(self.cluster.clone()).into_server();
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ingest)
             .add_service(agents)
+            .add_service(shards)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),
@@ -185,11 +219,19 @@ impl Collector {
                 maintenance: maintenance.clone(),
                 forward: forward_handle,
                 scrape: scrape_handle,
+                cluster: self.cluster.clone(),
             },
             config.max_sql_bytes,
         );
         let http = axum::serve(self.http, api).with_graceful_shutdown(stopped(stop_rx.clone()));
         let mut http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
+
+        // Peers' liveness and the shards_file.
+        let prober = tokio::spawn({
+            let rx = stop_rx.clone();
+            let cluster = self.cluster.clone();
+            async move { cluster.run(stopped(rx)).await }
+        });
 
         let flush_store = self.store.clone();
         let flusher = tokio::spawn({
@@ -225,6 +267,9 @@ impl Collector {
         // The pull scheduler abandons its pulls at once (unacknowledged batches stay at the agents).
         if let Err(e) = puller.await {
             tracing::error!(error = %e, "the pull scheduler failed");
+        }
+        if let Err(e) = prober.await {
+            tracing::error!(error = %e, "the shard prober failed");
         }
         if let Err(e) = scraper.await {
             tracing::error!(error = %e, "the scraper failed");

@@ -164,12 +164,23 @@ impl Store {
     /// Opens the store: indexes the Parquet files, loads the dedup checkpoint, replays the WAL, and starts the
     /// writer thread.
     pub fn open(config: &CollectorConfig) -> Result<Store> {
+        Store::open_reconciled(config, |_| HashSet::new())
+    }
+
+    /// [`Store::open`], leaving out of the replay the WAL batches that `stored_elsewhere` says another shard
+    /// stored (it gets every (agent id, seq) of the WAL; see [`crate::cluster`]): an agent whose shard died before
+    /// acknowledging re-sends to another shard, and the copy in this WAL must not be stored a second time. Those
+    /// batches still count as seen, so a late re-send here is answered DUPLICATE.
+    pub fn open_reconciled(
+        config: &CollectorConfig,
+        stored_elsewhere: impl FnOnce(&[(String, u64)]) -> HashSet<(String, u64)>,
+    ) -> Result<Store> {
         config.validate()?;
         let started = Instant::now();
         let mut state = State::default();
         // A compaction killed after its rename left inputs that its output replaces: delete them before indexing.
         crate::compaction::recover(&config.tables_dir())?;
-        state.rollups = crate::rollup::scan(&crate::rollup::rollups_dir(&config.data_dir))?;
+        state.rollups = crate::rollup::scan(&config.rollups_dir())?;
         for (file, schema) in persist::scan_store(&config.tables_dir())? {
             if let Err(conflict) = state.catalog.merge_table(&file.table, &schema) {
                 return Err(CollectorError::Parquet {
@@ -187,6 +198,7 @@ impl Store {
         )?;
         let replayed_records = replay.records.len();
         let mut replayed_rows = 0usize;
+        let mut decoded = Vec::with_capacity(replay.records.len());
         for record in &replay.records {
             let batch = match WriteBatch::decode(record.payload.as_slice()) {
                 // Records written before chunks existed hold points: bring them to today's shape.
@@ -202,17 +214,43 @@ impl Store {
                     continue;
                 }
             };
-            if let Err(conflict) = state.catalog.apply_batch(&batch) {
-                tracing::error!(seq = record.seq, %conflict, "WAL record conflicts with the stored schema; skipped");
+            decoded.push((record.seq, batch));
+        }
+        let keys: Vec<(String, u64)> = decoded
+            .iter()
+            .filter(|(_, b)| is_keyed(b))
+            .map(|(_, b)| (b.agent_id.clone(), b.seq))
+            .collect();
+        let elsewhere = if keys.is_empty() {
+            HashSet::new()
+        } else {
+            stored_elsewhere(&keys)
+        };
+        let mut left_out = 0usize;
+        for (wal_seq, batch) in &decoded {
+            let wal_seq = *wal_seq;
+            if is_keyed(batch) && elsewhere.contains(&(batch.agent_id.clone(), batch.seq)) {
+                state.dedup.insert(&batch.agent_id, batch.seq);
+                left_out += 1;
                 continue;
             }
-            if is_keyed(&batch) {
+            if let Err(conflict) = state.catalog.apply_batch(batch) {
+                tracing::error!(seq = wal_seq, %conflict, "WAL record conflicts with the stored schema; skipped");
+                continue;
+            }
+            if is_keyed(batch) {
                 state.dedup.insert(&batch.agent_id, batch.seq);
             }
             let files = &state.files;
-            replayed_rows += state.active.append_batch(&batch, |table, time| {
-                record.seq > files.persisted_seq(table, hour_of(time))
+            replayed_rows += state.active.append_batch(batch, |table, time| {
+                wal_seq > files.persisted_seq(table, hour_of(time))
             });
+        }
+        if left_out > 0 {
+            tracing::info!(
+                batches = left_out,
+                "WAL batches another shard stored while this one was down were not replayed"
+            );
         }
         tracing::info!(
             files = state.files.file_count(),
