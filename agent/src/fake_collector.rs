@@ -1,12 +1,15 @@
 //! A scriptable in-process `Ingest` server on 127.0.0.1 for the push tests: it stores batches with the collector's
-//! dedup rule and can answer RETRY, reject, drop a stream after storing (a lost ack) or stay silent.
+//! dedup rule and can answer RETRY, reject, drop a stream after storing (a lost ack) or stay silent. As a shard it
+//! also serves `Shards.GetShardMap`, answers REDIRECT for agents it does not own (leaving out the shards named in
+//! the `damselfly-unreachable-shards` metadata) and can play dead.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use damselfly_proto::v1::ingest_server::{Ingest, IngestServer};
-use damselfly_proto::v1::{Ack, AckStatus, WriteBatch};
+use damselfly_proto::v1::shards_server::{Shards, ShardsServer};
+use damselfly_proto::v1::{Ack, AckStatus, ShardInfo, ShardMap, ShardMapRequest, WriteBatch};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
@@ -35,6 +38,19 @@ pub(crate) struct State {
     pub(crate) drop_after: Option<usize>,
     /// This many streams get no acks at all.
     pub(crate) silent_streams_left: usize,
+    /// The answer to `GetShardMap`; `None`: `Unimplemented`, as from a collector without shards.
+    pub(crate) shard_map: Option<ShardMap>,
+    /// This shard's id, when it is one.
+    pub(crate) self_id: String,
+    /// The shards this one believes in when it decides who owns an agent; empty: it owns every agent.
+    pub(crate) cluster: Vec<ShardInfo>,
+    /// Seqs answered REDIRECT to `redirect_to` whatever the owner.
+    pub(crate) redirect_seqs: BTreeSet<u64>,
+    pub(crate) redirect_to: Option<ShardInfo>,
+    /// Playing dead: new streams and map requests fail with UNAVAILABLE, open streams fail at their next batch.
+    pub(crate) down: bool,
+    /// The `damselfly-unreachable-shards` metadata of each stream ("" without it).
+    pub(crate) unreachable: Vec<String>,
 }
 
 /// Shared handle to the server's state.
@@ -55,9 +71,11 @@ impl FakeCollector {
         let svc = IngestServer::new(self.clone())
             .accept_compressed(CompressionEncoding::Zstd)
             .send_compressed(CompressionEncoding::Zstd);
+        let shards = ShardsServer::new(self.clone());
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(shards)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stop_rx.await;
                 })
@@ -73,11 +91,36 @@ impl FakeCollector {
         (addr, self.serve(listener))
     }
 
+    /// The shard that should take `agent_id`'s batches instead of this one, if any.
+    fn redirect_for(
+        s: &State,
+        seq: u64,
+        agent_id: &str,
+        unreachable: &[String],
+    ) -> Option<ShardInfo> {
+        if s.redirect_seqs.contains(&seq) {
+            return s.redirect_to.clone();
+        }
+        let candidates = s
+            .cluster
+            .iter()
+            .map(|i| i.id.as_str())
+            .filter(|id| !unreachable.iter().any(|u| u == id));
+        let owner = damselfly_proto::shards::owner(agent_id, candidates)?;
+        if owner == s.self_id {
+            return None;
+        }
+        s.cluster.iter().find(|i| i.id == owner).cloned()
+    }
+
     /// Applies the dedup rule and the script to one batch; `None` = fail the stream now.
-    fn handle(&self, batch: WriteBatch, n_on_stream: usize) -> Option<Ack> {
+    fn handle(&self, batch: WriteBatch, n_on_stream: usize, unreachable: &[String]) -> Option<Ack> {
         let mut s = self.state();
         s.received.push(batch.seq);
         let seq = batch.seq;
+        if s.down {
+            return None;
+        }
         if s.retries_left > 0 {
             s.retries_left -= 1;
             return Some(Ack {
@@ -85,7 +128,15 @@ impl FakeCollector {
                 status: AckStatus::Retry as i32,
                 message: "busy".into(),
                 retry_after_ms: s.retry_after_ms,
-                points_stored: 0,
+                ..Ack::default()
+            });
+        }
+        if let Some(owner) = Self::redirect_for(&s, seq, &batch.agent_id, unreachable) {
+            return Some(Ack {
+                seq,
+                status: AckStatus::Redirect as i32,
+                redirect: Some(owner),
+                ..Ack::default()
             });
         }
         if s.reject.contains(&seq) {
@@ -132,10 +183,25 @@ impl Ingest for FakeCollector {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("identity")
             .to_owned();
+        let unreachable_header = request
+            .metadata()
+            .get("damselfly-unreachable-shards")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let unreachable: Vec<String> = unreachable_header
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
         let silent = {
             let mut s = self.state();
+            if s.down {
+                return Err(Status::unavailable("fake shard is down"));
+            }
             s.streams += 1;
             s.encodings.push(encoding);
+            s.unreachable.push(unreachable_header);
             let silent = s.silent_streams_left > 0;
             s.silent_streams_left = s.silent_streams_left.saturating_sub(1);
             silent
@@ -151,7 +217,7 @@ impl Ingest for FakeCollector {
                     this.state().received.push(batch.seq);
                     continue;
                 }
-                match this.handle(batch, n) {
+                match this.handle(batch, n, &unreachable) {
                     Some(ack) => {
                         if tx.send(Ok(ack)).await.is_err() {
                             return;
@@ -170,8 +236,25 @@ impl Ingest for FakeCollector {
     }
 
     async fn write(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
-        self.handle(request.into_inner(), 0)
+        self.handle(request.into_inner(), 0, &[])
             .map(Response::new)
             .ok_or_else(|| Status::unavailable("dropped"))
+    }
+}
+
+#[tonic::async_trait]
+impl Shards for FakeCollector {
+    async fn get_shard_map(
+        &self,
+        _request: Request<ShardMapRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
+        let s = self.state();
+        if s.down {
+            return Err(Status::unavailable("fake shard is down"));
+        }
+        s.shard_map
+            .clone()
+            .map(Response::new)
+            .ok_or_else(|| Status::unimplemented("no shards here"))
     }
 }

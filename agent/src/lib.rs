@@ -280,7 +280,9 @@ pub async fn run(
     // The collection loop wakes the push task after each round.
     let wake = Arc::new(Notify::new());
 
-    // Push mode: one task sends the queue to the collector.
+    // Push mode: one task sends the queue to the collector. Registration and heartbeats follow the shard it
+    // pushes to (`push_target`).
+    let mut push_target: Option<watch::Receiver<String>> = None;
     let mut push_task: Option<JoinHandle<()>> = match &config.collector {
         Some(url) => {
             let pusher = Pusher::new(
@@ -293,6 +295,7 @@ pub async fn run(
                 key: "collector",
                 reason: e.to_string(),
             })?;
+            push_target = Some(pusher.target());
             Some(tokio::spawn(pusher.run(stop_rx.clone())))
         }
         None => None,
@@ -304,7 +307,8 @@ pub async fn run(
     //   `collector` (pull mode) `MetricsSource.Pull` over `handles.queue` (with a collector the push task owns the
     //   queue); pull-mode registration advertises `config.effective_advertise_addr()`;
     // * `collector` set: register.rs (registration, then heartbeats every `config.heartbeat_secs` reporting
-    //   `handles.counters` pending / pending_bytes / batches_dropped and the uptime since `handles.started`).
+    //   `handles.counters` pending / pending_bytes / batches_dropped and the uptime since `handles.started`), to
+    //   the shard the push task pushes to.
     let mut side_tasks: Vec<JoinHandle<()>> = Vec::new();
     if let Some(addr) = config.listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -316,7 +320,7 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    if let Some(url) = &config.collector {
+    if let Some(target) = push_target {
         let request = register::request(
             agent_id.clone(),
             common_tags(&config),
@@ -331,8 +335,9 @@ pub async fn run(
             dropped_batches: counters.batches_dropped.load(Relaxed),
         };
         let mut stop = stop_rx.clone();
-        side_tasks.push(tokio::spawn(register::run(
-            url.clone(),
+        side_tasks.push(tokio::spawn(register::run_following(
+            register::RegisterSettings::default(),
+            target,
             request,
             status,
             async move {

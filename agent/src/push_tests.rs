@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use damselfly_proto::v1::{Field, Point, WriteBatch, field};
-use tokio::sync::{Notify, watch};
+use std::collections::BTreeMap;
+
+use damselfly_proto::v1::{Field, Point, ShardInfo, ShardMap, WriteBatch, field};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::fake_collector::FakeCollector;
 use crate::push::{PushSettings, Pusher};
@@ -17,11 +20,15 @@ use crate::{AgentConfig, config};
 fn settings(addr: SocketAddr) -> PushSettings {
     PushSettings {
         collector: format!("http://{addr}"),
+        agent_id: "agent-test".into(),
         max_in_flight: 4,
         connect_timeout: Duration::from_secs(1),
         ack_timeout: Duration::from_millis(500),
         backoff_initial: Duration::from_millis(10),
         backoff_max: Duration::from_millis(200),
+        shard_backoff_initial: Duration::from_millis(100),
+        shard_backoff_max: Duration::from_millis(400),
+        map_refresh: Duration::from_secs(60),
     }
 }
 
@@ -477,4 +484,421 @@ async fn pull_only_run_keeps_rounds_in_the_spool() {
     assert_eq!(stats.pending_at_exit, stats.batches_created);
     let s = DiskSpool::open(&state_dir.path().join("spool"), 1 << 20).expect("spool");
     assert_eq!(s.len() as u64, stats.batches_created);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Sharded collectors.
+
+/// Fake shards on 127.0.0.1, each knowing all the others: ids `s1`, `s2`, ... in the preference order of
+/// "agent-test" (`ids[0]` owns it). A shard is down (connections refused) until [`Cluster::up`].
+struct Cluster {
+    /// Shard ids, the owner of "agent-test" first.
+    ids: Vec<String>,
+    infos: Vec<ShardInfo>,
+    shards: BTreeMap<String, FakeCollector>,
+    /// Bound but not listening yet.
+    sockets: BTreeMap<String, tokio::net::TcpSocket>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        let names: Vec<String> = (1..=n).map(|i| format!("s{i}")).collect();
+        let ids: Vec<String> =
+            damselfly_proto::shards::rank("agent-test", names.iter().map(String::as_str))
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        let mut infos = Vec::new();
+        let mut sockets = BTreeMap::new();
+        for id in &names {
+            let (addr, socket) = reserved_addr();
+            infos.push(ShardInfo {
+                id: id.clone(),
+                grpc_url: format!("http://{addr}"),
+                http_url: String::new(),
+                live: true,
+            });
+            sockets.insert(id.clone(), socket);
+        }
+        let shards = names
+            .iter()
+            .map(|id| {
+                let fake = FakeCollector::default();
+                {
+                    let mut s = fake.state();
+                    s.self_id = id.clone();
+                    s.cluster = infos.clone();
+                    s.shard_map = Some(ShardMap {
+                        self_id: id.clone(),
+                        shards: infos.clone(),
+                        version: 1,
+                    });
+                }
+                (id.clone(), fake)
+            })
+            .collect();
+        Self {
+            ids,
+            infos,
+            shards,
+            sockets,
+            stops: Vec::new(),
+        }
+    }
+
+    /// The shard that is `rank`-th choice of "agent-test" (0 = owner).
+    fn fake(&self, rank: usize) -> &FakeCollector {
+        &self.shards[&self.ids[rank]]
+    }
+
+    fn info(&self, rank: usize) -> ShardInfo {
+        self.infos
+            .iter()
+            .find(|i| i.id == self.ids[rank])
+            .cloned()
+            .expect("shard")
+    }
+
+    /// Push settings seeded with the `rank`-th choice.
+    fn settings(&self, rank: usize) -> PushSettings {
+        let url = self.info(rank).grpc_url;
+        PushSettings {
+            collector: url,
+            ..settings("127.0.0.1:1".parse().expect("addr"))
+        }
+    }
+
+    /// Starts serving the `rank`-th choice.
+    fn up(&mut self, rank: usize) {
+        let id = self.ids[rank].clone();
+        let socket = self.sockets.remove(&id).expect("not up yet");
+        let stop = self.shards[&id].serve(socket.listen(64).expect("listen"));
+        self.stops.push(stop);
+    }
+
+    /// Every stored seq, over all shards, sorted (a seq stored on two shards appears twice).
+    fn stored_everywhere(&self) -> Vec<u64> {
+        let mut all: Vec<u64> = self.shards.values().flat_map(stored_seqs).collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+/// A running push task fed by the test.
+struct Running {
+    queue: SharedQueue,
+    wake: Arc<Notify>,
+    counters: Arc<Counters>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(settings: PushSettings) -> Self {
+        let counters = Arc::new(Counters::default());
+        let queue: SharedQueue = queue::shared(Box::new(MemoryQueue::new(1000)));
+        let wake = Arc::new(Notify::new());
+        let pusher = Pusher::new(
+            settings,
+            Arc::clone(&queue),
+            Arc::clone(&wake),
+            Arc::clone(&counters),
+        )
+        .expect("pusher");
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(pusher.run(stop_rx));
+        Self {
+            queue,
+            wake,
+            counters,
+            stop,
+            task,
+        }
+    }
+
+    fn send(&self, seqs: std::ops::RangeInclusive<u64>) {
+        for b in batches(seqs) {
+            enqueue(&self.queue, vec![b], &self.counters);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Signals shutdown and waits for everything to be acknowledged.
+    async fn finish(self) -> AgentStats {
+        self.stop.send(true).expect("pusher listens");
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("push finished in time")
+            .expect("no panic");
+        self.counters.snapshot()
+    }
+}
+
+/// Polls `done` every 10 ms for at most 5 s.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The seed's map is stale (it lists itself and the third shard, not the owner), so the agent pushes to the
+/// seed, which redirects it to the owner (a shard the agent did not know): nothing is stored on the seed, the agent stops sending
+/// there at the first REDIRECT, and the owner stores every batch once, in order.
+#[tokio::test]
+async fn redirect_to_owner_stores_every_batch_once() {
+    let mut cluster = Cluster::new(3);
+    {
+        let mut s = cluster.fake(1).state();
+        if let Some(map) = s.shard_map.as_mut() {
+            let owner = cluster.ids[0].clone();
+            map.shards.retain(|i| i.id != owner);
+        }
+    }
+    for rank in 0..3 {
+        cluster.up(rank);
+    }
+    let run = Running::start(cluster.settings(1));
+    run.send(1..=20);
+    wait_for("the owner to store everything", || {
+        stored_seqs(cluster.fake(0)).len() == 20
+    })
+    .await;
+    let stats = run.finish().await;
+
+    assert_eq!(stored_seqs(cluster.fake(0)), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        cluster.stored_everywhere(),
+        (1..=20).collect::<Vec<_>>(),
+        "stored exactly once"
+    );
+    let seed = cluster.fake(1).state();
+    assert!(seed.stored.is_empty());
+    assert!(
+        !seed.received.is_empty() && seed.received.len() <= 4,
+        "no new sends after the first REDIRECT: {:?}",
+        seed.received
+    );
+    let owner_received = cluster.fake(0).state().received.clone();
+    assert!(
+        owner_received.windows(2).all(|w| w[0] < w[1]),
+        "owner got each batch once, in order: {owner_received:?}"
+    );
+    assert!(cluster.fake(2).state().received.is_empty());
+    assert!(stats.redirect_acks >= 1, "{stats:?}");
+    assert_eq!(stats.shard_switches, 1, "{stats:?}");
+    assert_eq!((stats.batches_stored, stats.push_failures), (20, 0));
+}
+
+/// After a REDIRECT the batches already in flight on that stream are waited for: those stored there leave the
+/// queue and are not resent; only the redirected one goes to the owner, before the rest, in seq order.
+#[tokio::test]
+async fn redirect_waits_for_the_acks_in_flight() {
+    let mut cluster = Cluster::new(2);
+    {
+        // An old-style collector: no shard map, owns the agent, but redirects seq 2.
+        let owner = cluster.info(0);
+        let mut s = cluster.fake(1).state();
+        s.shard_map = None;
+        s.cluster.clear();
+        s.redirect_seqs.insert(2);
+        s.redirect_to = Some(owner);
+    }
+    cluster.up(0);
+    cluster.up(1);
+    // Everything is queued before the push task first runs: seqs 1-4 go out together on the first stream.
+    let run = Running::start(cluster.settings(1));
+    run.send(1..=10);
+    let stats = run.finish().await;
+
+    // The ack of seq 1 frees room for seq 5 before the REDIRECT of seq 2 arrives; nothing is sent after it.
+    let first = cluster.fake(1).state();
+    let k = first.received.len() as u64;
+    assert!((4..=5).contains(&k), "{:?}", first.received);
+    assert_eq!(first.received, (1..=k).collect::<Vec<_>>());
+    let stored_first: Vec<u64> = first.stored.keys().copied().collect();
+    assert_eq!(
+        stored_first,
+        (1..=k).filter(|s| *s != 2).collect::<Vec<_>>(),
+        "acks in flight after the REDIRECT were waited for"
+    );
+    let owner = cluster.fake(0).state();
+    let mut expected = vec![2];
+    expected.extend(k + 1..=10);
+    assert_eq!(
+        owner.received, expected,
+        "only the redirected batch is resent"
+    );
+    assert_eq!(
+        (
+            stats.batches_stored,
+            stats.batches_resent,
+            stats.redirect_acks
+        ),
+        (10, 1, 1)
+    );
+    assert_eq!(stats.shard_switches, 1);
+}
+
+/// The owner refuses connections: the agent marks it down and moves at once to its second choice, telling it in
+/// the metadata, which then accepts the agent.
+#[tokio::test]
+async fn owner_down_fails_over_to_second_choice() {
+    let mut cluster = Cluster::new(3);
+    cluster.up(1);
+    cluster.up(2);
+    let settings = PushSettings {
+        // Long enough that the agent does not try the owner again during the test.
+        shard_backoff_initial: Duration::from_secs(10),
+        shard_backoff_max: Duration::from_secs(10),
+        ..cluster.settings(2)
+    };
+    let started = std::time::Instant::now();
+    let run = Running::start(settings);
+    run.send(1..=10);
+    wait_for("the second choice to store everything", || {
+        stored_seqs(cluster.fake(1)).len() == 10
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no sleep on failover"
+    );
+    let stats = run.finish().await;
+
+    assert_eq!(cluster.stored_everywhere(), (1..=10).collect::<Vec<_>>());
+    let second = cluster.fake(1).state();
+    assert_eq!(second.streams, 1, "{:?}", second.unreachable);
+    assert_eq!(second.unreachable, [cluster.ids[0].clone()]);
+    assert!(cluster.fake(2).state().stored.is_empty());
+    assert_eq!(stats.push_failures, 1, "{stats:?}");
+    assert_eq!(stats.redirect_acks, 0, "{stats:?}");
+    // Seed (third choice) → owner (shard map) → second choice (failover).
+    assert_eq!(stats.shard_switches, 2, "{stats:?}");
+}
+
+/// The owner is down at first, so the agent pushes to its second choice; once the owner is back and its down
+/// mark expires the agent leaves the fallback and pushes to the owner again. No batch is stored twice.
+#[tokio::test]
+async fn owner_back_agent_returns_home() {
+    let mut cluster = Cluster::new(2);
+    cluster.up(1);
+    let run = Running::start(cluster.settings(1));
+    run.send(1..=5);
+    wait_for("the fallback to store the first batches", || {
+        stored_seqs(cluster.fake(1)).len() == 5
+    })
+    .await;
+    assert_eq!(
+        cluster.fake(1).state().unreachable[0],
+        cluster.ids[0],
+        "told the fallback that the owner is down"
+    );
+    cluster.up(0);
+    // Keep the stream to the fallback busy: the agent leaves it when the owner's down mark (at most 400 ms)
+    // expires, after the acks in flight.
+    for seq in 6..=40 {
+        run.send(seq..=seq);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    wait_for("everything to be stored", || {
+        cluster.stored_everywhere().len() == 40
+    })
+    .await;
+    let stats = run.finish().await;
+
+    let on_fallback = stored_seqs(cluster.fake(1));
+    let k = on_fallback.len() as u64;
+    assert_eq!(on_fallback, (1..=k).collect::<Vec<_>>());
+    assert!((5..40).contains(&k), "{k}");
+    assert_eq!(
+        stored_seqs(cluster.fake(0)),
+        (k + 1..=40).collect::<Vec<_>>(),
+        "back home"
+    );
+    assert_eq!(
+        cluster.stored_everywhere(),
+        (1..=40).collect::<Vec<_>>(),
+        "each stored once"
+    );
+    assert!(stats.push_failures >= 1, "{stats:?}");
+    // Seed (the fallback) → owner (shard map) → fallback (failover) → ... → owner (return home).
+    assert!(stats.shard_switches >= 3, "{stats:?}");
+    assert_eq!(stats.pending_at_exit, 0);
+}
+
+/// Every shard fails: the agent keeps the batches (waiting between rounds over the shards) and delivers each of
+/// them exactly once when the shards are back.
+#[tokio::test]
+async fn all_shards_down_then_back_loses_nothing() {
+    let mut cluster = Cluster::new(2);
+    cluster.up(0);
+    cluster.up(1);
+    let run = Running::start(cluster.settings(0));
+    run.send(1..=5);
+    wait_for("the owner to store the first batches", || {
+        stored_seqs(cluster.fake(0)).len() == 5
+    })
+    .await;
+    for rank in 0..2 {
+        cluster.fake(rank).state().down = true;
+    }
+    run.send(6..=15);
+    wait_for("both shards to be tried", || {
+        run.counters.snapshot().push_failures >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cluster.stored_everywhere(), (1..=5).collect::<Vec<_>>());
+    let failures = run.counters.snapshot().push_failures;
+    assert!(
+        failures < 30,
+        "waits while every shard is down: {failures} failures"
+    );
+    for rank in 0..2 {
+        cluster.fake(rank).state().down = false;
+    }
+    wait_for("everything to be stored", || {
+        cluster.stored_everywhere().len() == 15
+    })
+    .await;
+    let stats = run.finish().await;
+
+    assert_eq!(cluster.stored_everywhere(), (1..=15).collect::<Vec<_>>());
+    assert_eq!(
+        (
+            stats.batches_stored,
+            stats.batches_dropped,
+            stats.pending_at_exit
+        ),
+        (15, 0, 0)
+    );
+}
+
+/// A collector without `Shards` (or a map of one shard) is pushed to as a single collector: the seed, with no
+/// unreachable-shards metadata and no switch.
+#[tokio::test]
+async fn single_shard_map_keeps_the_seed() {
+    let collector = FakeCollector::default();
+    collector.state().shard_map = Some(ShardMap {
+        self_id: "only".into(),
+        shards: vec![ShardInfo {
+            id: "only".into(),
+            // Unreachable on purpose: with one shard the agent keeps the URL it was given.
+            grpc_url: "http://127.0.0.1:1".into(),
+            http_url: String::new(),
+            live: true,
+        }],
+        version: 1,
+    });
+    let (addr, _stop) = collector.start().await;
+    let stats = push_all(settings(addr), 100, batches(1..=5), Duration::ZERO).await;
+    assert_eq!(stored_seqs(&collector), [1, 2, 3, 4, 5]);
+    assert_eq!(collector.state().unreachable, [""]);
+    assert_eq!((stats.shard_switches, stats.push_failures), (0, 0));
 }

@@ -7,6 +7,8 @@
 //! `registered = false` (the collector lost its registry, or is another collector) it registers again. A collector
 //! that refuses the registration as invalid is logged as an error and asked again slowly, every
 //! [`RegisterSettings::refused_retry`], in case its limits change. It returns as soon as `shutdown` completes.
+//! [`run_following`] does the same with the shard the push task currently pushes to (a [`watch`] of its URL):
+//! when the agent moves to another shard it registers there and sends its heartbeats there.
 //!
 //! Wiring it into the agent is one spawned call:
 //!
@@ -21,6 +23,7 @@ use std::time::Duration;
 use damselfly_proto::v1::agents_client::AgentsClient;
 use damselfly_proto::v1::{AgentMode, HeartbeatRequest, HostFacts, RegisterRequest, Tag};
 use rand::Rng;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -170,10 +173,39 @@ pub async fn run_with(
     status: impl Fn() -> AgentStatus + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    // A sender that is gone leaves the receiver on its last value: one collector for good.
+    let (_, collector) = watch::channel(collector_url);
+    run_following(settings, collector, request, status, shutdown).await;
+}
+
+/// [`run_with`] for a sharded collector: registers with the shard whose gRPC URL `collector` holds (the one the
+/// push task pushes to) and, whenever it changes, registers with the new one and sends the heartbeats there.
+pub async fn run_following(
+    settings: RegisterSettings,
+    mut collector: watch::Receiver<String>,
+    request: RegisterRequest,
+    status: impl Fn() -> AgentStatus + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let started = Instant::now();
+    let beat = async {
+        loop {
+            let url = collector.borrow_and_update().clone();
+            tokio::select! {
+                () = register_and_beat(&settings, url, &request, &status, started) => {}
+                r = collector.changed() => {
+                    if r.is_err() {
+                        // The push task is gone (shutdown): stay where we are.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    };
     tokio::select! {
         biased;
         () = shutdown => {}
-        () = register_and_beat(settings, collector_url, request, status) => {}
+        () = beat => {}
     }
 }
 
@@ -220,14 +252,15 @@ fn refused(code: Code) -> bool {
     )
 }
 
-/// Never returns; [`run_with`] drops it on shutdown.
+/// Never returns; [`run_following`] drops it on shutdown or when the agent moves to another shard. `started` is
+/// when the agent started (for the uptime).
 async fn register_and_beat(
-    settings: RegisterSettings,
+    settings: &RegisterSettings,
     collector_url: String,
-    request: RegisterRequest,
-    status: impl Fn() -> AgentStatus + Send + Sync + 'static,
+    request: &RegisterRequest,
+    status: &impl Fn() -> AgentStatus,
+    started: Instant,
 ) {
-    let started = Instant::now();
     let agent_id = request.agent_id.clone();
     let endpoint = match Endpoint::from_shared(collector_url.clone()) {
         Ok(e) => e

@@ -28,6 +28,10 @@ pub struct AgentStats {
     pub retry_acks: u64,
     /// Connection attempts or streams that failed.
     pub push_failures: u64,
+    /// REDIRECT acknowledgements received (the shard does not own this agent; nothing stored).
+    pub redirect_acks: u64,
+    /// Changes of the collector shard pushed to (redirect, failover, return home, new shard map).
+    pub shard_switches: u64,
     /// Batches still unacknowledged when the agent stopped: kept in the disk spool for the next start, or lost
     /// with the in-memory queue.
     pub pending_at_exit: u64,
@@ -49,6 +53,8 @@ pub(crate) struct Counters {
     pub(crate) batches_dropped: AtomicU64,
     pub(crate) retry_acks: AtomicU64,
     pub(crate) push_failures: AtomicU64,
+    pub(crate) redirect_acks: AtomicU64,
+    pub(crate) shard_switches: AtomicU64,
     /// Gauge: batches in the pending queue or spool.
     pub(crate) pending: AtomicU64,
     /// Gauge: their bytes.
@@ -80,6 +86,8 @@ impl Counters {
             batches_dropped: self.batches_dropped.load(Relaxed),
             retry_acks: self.retry_acks.load(Relaxed),
             push_failures: self.push_failures.load(Relaxed),
+            redirect_acks: self.redirect_acks.load(Relaxed),
+            shard_switches: self.shard_switches.load(Relaxed),
             pending_at_exit: self.pending.load(Relaxed),
             pending_bytes_at_exit: self.pending_bytes.load(Relaxed),
         }
