@@ -12,7 +12,9 @@
 //! * **Shared store.** Shards write their Parquet files under `<shared_dir>/shard=<id>/` ([`shard_root`]); a query
 //!   on any shard reads the others' files there. For a live peer it asks `GET /api/v1/cluster/snapshot`, which
 //!   returns in one consistent step the peer's file list and its buffered (acknowledged, not yet flushed) rows; for a
-//!   peer that does not answer it lists the peer's directory and marks the result partial, naming the shard.
+//!   peer that does not answer it lists the peer's directory and marks the result partial, naming the shard. With
+//!   `[shared_store]` the store is a bucket instead: each shard mirrors its files there and peers read them as
+//!   `s3://` objects ([`crate::shared_store`]).
 //! * **Dedup across shards.** A shard that restarts asks the live peers which of the batches in its WAL they
 //!   stored meanwhile (`POST /api/v1/cluster/seen`) and does not replay those ([`Cluster::stored_elsewhere`]).
 
@@ -161,6 +163,8 @@ struct ClusterInner {
     self_endpoint: ShardEndpoint,
     shards_file: Option<PathBuf>,
     shared_dir: Option<PathBuf>,
+    /// The shared store in a bucket (`[shared_store]`), instead of `shared_dir`.
+    shared_store: Option<crate::shared_store::SharedStore>,
     probe_interval: Duration,
     client: reqwest::Client,
     state: RwLock<ClusterState>,
@@ -228,12 +232,20 @@ impl Cluster {
             .find(|s| s.id == config.shard_id)
             .cloned()
             .unwrap_or(self_endpoint);
+        let shared_store = config
+            .shared_store
+            .as_ref()
+            .map(|s| {
+                crate::shared_store::SharedStore::new(s, &config.shard_id, &config.shard_root())
+            })
+            .transpose()?;
         Ok(Cluster {
             inner: Arc::new(ClusterInner {
                 self_id: config.shard_id.clone(),
                 self_endpoint,
                 shards_file: config.shards_file.clone(),
                 shared_dir: config.shared_dir.clone(),
+                shared_store,
                 probe_interval: Duration::from_millis(config.shard_probe_interval_ms),
                 client,
                 state: RwLock::new(state),
@@ -251,6 +263,11 @@ impl Cluster {
 
     pub fn self_id(&self) -> &str {
         &self.inner.self_id
+    }
+
+    /// The bucket this shard mirrors its files to, if configured.
+    pub fn shared_store(&self) -> Option<&crate::shared_store::SharedStore> {
+        self.inner.shared_store.as_ref()
     }
 
     /// Whether there are other shards.
@@ -473,7 +490,7 @@ impl Cluster {
                 Ok(Some(t)) => tables.push(t),
                 Ok(None) => {}
                 Err(reason) => {
-                    let files = self.list_dead_shard(&peer.id, schema, table);
+                    let files = self.list_dead_shard(&peer.id, schema, table).await;
                     let reason = match &files {
                         Ok(Some(t)) => {
                             let n = t.files.len();
@@ -535,6 +552,9 @@ impl Cluster {
     }
 
     fn peer_root(&self, shard: &str) -> Result<PathBuf, String> {
+        if let Some(store) = &self.inner.shared_store {
+            return Ok(store.peer_root(shard));
+        }
         self.inner
             .shared_dir
             .as_deref()
@@ -546,7 +566,7 @@ impl Cluster {
 
     /// The files of a shard that does not answer, read from its directory in the shared store (raw tables only:
     /// its rollups are left out). Read-only: nothing of the other shard is changed.
-    fn list_dead_shard(
+    async fn list_dead_shard(
         &self,
         shard: &str,
         schema: &str,
@@ -554,6 +574,9 @@ impl Cluster {
     ) -> Result<Option<PeerTable>, String> {
         if schema != "public" {
             return Ok(None);
+        }
+        if let Some(store) = &self.inner.shared_store {
+            return store.list_shard_table(shard, table).await;
         }
         let dir = self.peer_root(shard)?.join("data").join(table);
         if !dir.is_dir() {
@@ -668,6 +691,7 @@ impl Cluster {
             "self_id": self.inner.self_id,
             "version": state.version,
             "shared_dir": self.inner.shared_dir,
+            "shared_store": self.inner.shared_store.as_ref().map(|s| s.url()),
             "shards": shards,
         })
     }
@@ -938,6 +962,14 @@ async fn snapshot(
             ),
         });
     };
+    // A peer reads these files from the bucket: they must be there before it plans the read.
+    if let Some(store) = api.cluster.shared_store() {
+        let paths: Vec<PathBuf> = snapshot.files.iter().map(|f| f.path.clone()).collect();
+        store.ensure_uploaded(&paths).await.map_err(|e| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: e.to_string(),
+        })?;
+    }
     let root = api.store.config().shard_root();
     let shard = api.store.config().shard_id.clone();
     let bytes = tokio::task::spawn_blocking(move || encode_snapshot(&shard, &root, &snapshot))

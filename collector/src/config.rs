@@ -44,6 +44,9 @@ pub struct CollectorConfig {
     /// (`data/` for tables, `rollups/` for rollups), and reads the others' from. Default: none (files stay in
     /// `<data_dir>/data` and `<data_dir>/rollups`, which is right for a single collector).
     pub shared_dir: Option<PathBuf>,
+    /// The shared store in an S3-compatible bucket instead (`[shared_store]`, see [`crate::shared_store`]): each
+    /// shard keeps its files in `data_dir` and mirrors them to `<url>/shard=<shard_id>/`. Default: none.
+    pub shared_store: Option<crate::shared_store::SharedStoreConfig>,
     /// Durability policy of the WAL. Default `fsync`.
     pub wal_sync: WalSync,
     /// Flush the buffer to Parquet at least this often (seconds). Default 60.
@@ -136,6 +139,7 @@ impl Default for CollectorConfig {
             shards_file: None,
             shard_probe_interval_ms: 1_000,
             shared_dir: None,
+            shared_store: None,
             wal_sync: WalSync::Fsync,
             flush_interval_secs: 60,
             flush_buffer_bytes: 64 << 20,
@@ -288,6 +292,14 @@ impl CollectorConfig {
         }
         if let Err(reason) = crate::cluster::validate_shards(&self.shard_id, &self.shards) {
             return bad(format!("shards: {reason}"));
+        }
+        if let Some(store) = &self.shared_store {
+            if self.shared_dir.is_some() {
+                return bad("set either shared_dir or shared_store, not both".into());
+            }
+            if let Err(reason) = store.validate(self.query_timeout_secs) {
+                return bad(format!("shared_store: {reason}"));
+            }
         }
         crate::retention::validate_keys(self)?;
         Ok(())

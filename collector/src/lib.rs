@@ -30,6 +30,7 @@ pub mod query;
 pub mod retention;
 pub mod rollup;
 pub mod server;
+pub mod shared_store;
 pub mod store;
 pub mod wal;
 

@@ -26,7 +26,7 @@ use chrono::{DateTime, Timelike};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
-use parquet::file::metadata::{KeyValue, SortingColumn};
+use parquet::file::metadata::{KeyValue, ParquetMetaData, SortingColumn};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
@@ -678,7 +678,19 @@ pub fn read_file_meta(path: &Path, table: &str) -> Result<(ParquetFile, TableSch
         .map_err(|e| CollectorError::io(path, e))?
         .len();
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet_err)?;
-    let meta = builder.metadata().file_metadata();
+    file_meta_from_footer(path, table, bytes, builder.metadata(), builder.schema())
+}
+
+/// The index entry and table schema of a file whose footer was read elsewhere (e.g. from an object store):
+/// `path` is what the entry will name, `bytes` the file's size.
+pub fn file_meta_from_footer(
+    path: &Path,
+    table: &str,
+    bytes: u64,
+    metadata: &ParquetMetaData,
+    arrow_schema: &Schema,
+) -> Result<(ParquetFile, TableSchema)> {
+    let meta = metadata.file_metadata();
     let kv_str = |key: &str| -> Option<&str> {
         meta.key_value_metadata()?
             .iter()
@@ -694,7 +706,7 @@ pub fn read_file_meta(path: &Path, table: &str) -> Result<(ParquetFile, TableSch
         })?,
         None => Vec::new(),
     };
-    let schema = TableSchema::from_arrow(&table_schema_of_file(builder.schema(), &decimal_floats))
+    let schema = TableSchema::from_arrow(&table_schema_of_file(arrow_schema, &decimal_floats))
         .map_err(|m| CollectorError::Parquet {
             path: path.to_path_buf(),
             message: m,

@@ -178,6 +178,10 @@ impl QueryEngine {
 
     /// Makes queries span every shard of `cluster` (when it has other shards).
     pub fn with_cluster(mut self, cluster: Cluster) -> QueryEngine {
+        // Peers' files in a bucket are `s3://` paths: read through the shard's S3 client.
+        if let Some(store) = cluster.shared_store() {
+            store.register_with(&self.runtime);
+        }
         self.cluster = Some(cluster);
         self
     }

@@ -233,6 +233,12 @@ impl Collector {
             async move { cluster.run(stopped(rx)).await }
         });
 
+        // The mirror of this shard's files in the shared bucket.
+        let mirror = self.cluster.shared_store().cloned().map(|shared| {
+            let rx = stop_rx.clone();
+            tokio::spawn(async move { shared.run(stopped(rx)).await })
+        });
+
         let flush_store = self.store.clone();
         let flusher = tokio::spawn({
             let rx = stop_rx.clone();
@@ -280,6 +286,17 @@ impl Collector {
         }
         if let Err(e) = maintainer.await {
             tracing::error!(error = %e, "the maintenance task failed");
+        }
+        // The final flush's files reach the bucket too.
+        if let Some(mirror) = mirror
+            && let Err(e) = mirror.await
+        {
+            tracing::error!(error = %e, "the shared store mirror failed");
+        }
+        if let Some(shared) = self.cluster.shared_store()
+            && let Err(e) = shared.sync(false).await
+        {
+            tracing::error!(error = %e, "last upload to the shared store failed; it resumes at the next start");
         }
         // Forwarders get their last chance to send what they hold after the final flush.
         if let Err(e) = forwarder.await {
