@@ -2,11 +2,20 @@
 //! of `ingest.proto` (acks in order; RETRY honoured by resending after `retry_after_ms`; a broken stream resends
 //! everything unacknowledged on a new stream, which the collector answers with DUPLICATE where it already stored).
 //!
+//! Shards, as a real agent handles them (`agent/src/push.rs`): the agent pushes to the first shard of
+//! `damselfly_proto::shards::rank(agent_id, ids)` that it has not marked down, and stays there until something
+//! moves it. A failed connection or stream marks that shard down for a per-shard backoff (doubling, with jitter,
+//! reset by an ack from it) and the agent moves at once to the next shard, naming the shards it marked down in the
+//! `damselfly-unreachable-shards` metadata of the new stream. A REDIRECT ack, or the expiry of the down mark of a
+//! better-ranked shard (return home), stops new sends; once the batches in flight are acknowledged the agent
+//! switches, so that a batch is never in flight on two shards at once. With one collector (no shard map) this is
+//! the plain reconnect-with-backoff loop.
+//!
 //! Batches are not kept after sending: [`PointGen::batch`] rebuilds one from `(seq, time)` when it must be resent.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use damselfly_proto::v1::{Ack, AckStatus, WriteBatch, ingest_client::IngestClient};
@@ -15,18 +24,19 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::CompressionEncoding;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use crate::points::{PointGen, batch_values, count_measurement};
 use damselfly_proto::columnar::batch_rows;
 
-/// Largest ack message accepted. Acks are tiny; this only bounds a misbehaving server.
-const MAX_DECODING_BYTES: usize = 4 << 20;
+/// Request metadata of a `Push` call: the ids of the shards the agent gave up on, comma-separated.
+pub const UNREACHABLE_SHARDS_HEADER: &str = "damselfly-unreachable-shards";
 /// A stream whose oldest in-flight batch got no ack for this long is abandoned and its batches resent.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Redirects in a row without an acknowledged batch that are followed at once; later ones wait a backoff first
+/// (shards that disagree about the owner must not make the agent spin).
+const MAX_REDIRECT_HOPS: u32 = 4;
 /// Highest latency the histogram holds (µs); larger values are clamped.
 const HIST_MAX_US: u64 = 3_600_000_000;
 /// Only this many REJECTED messages, and this many stream failures, are printed (all are counted).
@@ -46,22 +56,91 @@ pub struct Plan {
     pub interval: Option<Duration>,
     /// Most unacknowledged batches per stream.
     pub in_flight: usize,
+    /// First down mark of a shard (or reconnect delay with one collector); doubles per consecutive failure.
+    pub backoff_initial: Duration,
+    /// Longest down mark / reconnect delay.
+    pub backoff_max: Duration,
+    /// An instant and the same moment in Unix milliseconds, to report event times as wall-clock times.
+    pub epoch: (Instant, i64),
 }
 
 impl Plan {
     fn in_window(&self, t: Instant) -> bool {
         t >= self.measure_start && t < self.stop
     }
+
+    /// `t` in Unix milliseconds.
+    pub fn unix_ms(&self, t: Instant) -> i64 {
+        let (base, base_ms) = self.epoch;
+        let d = if t >= base {
+            i64::try_from((t - base).as_millis()).unwrap_or(i64::MAX)
+        } else {
+            -i64::try_from((base - t).as_millis()).unwrap_or(i64::MAX)
+        };
+        base_ms.saturating_add(d)
+    }
 }
 
-/// Live totals over all agents, for the progress line.
+/// One shard the agents may push to (the only collector when there is no shard map).
+#[derive(Debug)]
+pub struct Shard {
+    pub id: String,
+    pub grpc_url: String,
+    /// One client per HTTP/2 connection; agent `i` uses `clients[i % len]`.
+    pub clients: Vec<IngestClient<Channel>>,
+}
+
+/// The shards, in shard-map order.
+#[derive(Debug)]
+pub struct Cluster {
+    pub shards: Vec<Shard>,
+    /// The shards came from a shard map: send the unreachable metadata, follow redirects.
+    pub sharded: bool,
+}
+
+impl Cluster {
+    fn index_of(&self, id: &str, grpc_url: &str) -> Option<usize> {
+        self.shards
+            .iter()
+            .position(|s| s.id == id)
+            .or_else(|| self.shards.iter().position(|s| s.grpc_url == grpc_url))
+    }
+}
+
+/// Stored totals of one shard, for the progress line and the summary.
 #[derive(Debug, Default)]
+pub struct ShardLive {
+    pub batches_stored: AtomicU64,
+    pub points_stored: AtomicU64,
+}
+
+/// Live totals over all agents, for the progress line, and the shared latency histogram (one per agent would
+/// take ~190 KB each: 2 GB at 10,000 agents).
+#[derive(Debug)]
 pub struct Live {
     pub batches_stored: AtomicU64,
     pub points_stored: AtomicU64,
     pub retry_acks: AtomicU64,
     pub rejected: AtomicU64,
     pub stream_errors: AtomicU64,
+    pub redirects: AtomicU64,
+    pub shards: Vec<ShardLive>,
+    pub latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Live {
+    pub fn new(shards: usize) -> Self {
+        Self {
+            batches_stored: AtomicU64::new(0),
+            points_stored: AtomicU64::new(0),
+            retry_acks: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            stream_errors: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
+            shards: (0..shards).map(|_| ShardLive::default()).collect(),
+            latency_us: Mutex::new(new_histogram()),
+        }
+    }
 }
 
 /// Event counts; kept once for the whole run and once for the measured window.
@@ -69,7 +148,7 @@ pub struct Live {
 pub struct Counts {
     /// Batches put on a stream, resends included.
     pub batches_sent: u64,
-    /// Of those, resends (after RETRY or a broken stream).
+    /// Of those, resends (after RETRY, a broken stream or a redirect).
     pub batches_resent: u64,
     pub batches_stored: u64,
     /// Points acknowledged STORED (the ack's `points_stored`).
@@ -84,8 +163,13 @@ pub struct Counts {
     pub cpu_points_duplicate: u64,
     pub retry_acks: u64,
     pub rejected: u64,
-    /// Broken streams: transport/status errors, the server closing the stream, ack timeouts, protocol violations.
+    /// REDIRECT acks (the batch goes to the named shard).
+    pub redirects: u64,
+    /// Broken streams: transport/status errors, failed connections, the server closing the stream, ack timeouts,
+    /// protocol violations.
     pub stream_errors: u64,
+    /// Changes of the shard an agent pushes to (failover, redirect, return home).
+    pub shard_switches: u64,
     /// Interval ticks dropped because the window stayed full (the requested rate was not reached).
     pub missed_ticks: u64,
 }
@@ -103,7 +187,9 @@ impl Counts {
         self.cpu_points_duplicate += o.cpu_points_duplicate;
         self.retry_acks += o.retry_acks;
         self.rejected += o.rejected;
+        self.redirects += o.redirects;
         self.stream_errors += o.stream_errors;
+        self.shard_switches += o.shard_switches;
         self.missed_ticks += o.missed_ticks;
     }
 }
@@ -113,12 +199,18 @@ impl Counts {
 pub struct AgentReport {
     pub total: Counts,
     pub window: Counts,
-    /// Send-to-ack latency of STORED and DUPLICATE acks received in the measured window, µs.
-    pub latency_us: Histogram<u64>,
     /// Batches never acknowledged (still in flight or waiting for a resend at the drain deadline).
     pub unacked_batches: u64,
     pub unacked_points: u64,
     pub unacked_cpu_points: u64,
+    /// Index of the agent's own shard (first of its ranking).
+    pub home: usize,
+    /// When a stream to the home shard failed for the first time (Unix ms).
+    pub home_failed_ms: Option<i64>,
+    /// After that, when a batch was first acknowledged by another shard (Unix ms).
+    pub rehomed_ms: Option<i64>,
+    /// After that, when a batch was first acknowledged by the home shard again (Unix ms).
+    pub returned_ms: Option<i64>,
 }
 
 /// A new latency histogram (1 µs .. 1 h, 3 significant digits).
@@ -145,8 +237,36 @@ struct Pending {
 enum StreamEnd {
     /// Nothing left to send, or the drain deadline passed.
     Done,
-    /// Broken: resend everything in flight on a new stream.
+    /// Broken: mark the shard down, resend everything in flight on a new stream.
     Failed(String),
+    /// Ended on purpose with nothing in flight (redirect, return home): continue on this shard.
+    Moved(usize),
+}
+
+/// Why a stream stops taking new batches before it ends.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    /// A REDIRECT ack named this shard.
+    Redirect(usize),
+    /// The down mark of this better-ranked shard expired.
+    Home(usize),
+}
+
+impl Leave {
+    fn target(self) -> usize {
+        match self {
+            Leave::Redirect(s) | Leave::Home(s) => s,
+        }
+    }
+}
+
+/// Per-shard state of one agent.
+#[derive(Debug, Clone, Copy)]
+struct ShardMark {
+    /// Marked down until then.
+    down_until: Option<Instant>,
+    /// Length of the next down mark.
+    next_mark: Duration,
 }
 
 struct Agent {
@@ -154,7 +274,19 @@ struct Agent {
     points: PointGen,
     plan: Arc<Plan>,
     live: Arc<Live>,
-    client: IngestClient<Channel>,
+    cluster: Arc<Cluster>,
+    /// Shard indices, most preferred first.
+    ranking: Vec<usize>,
+    /// The shard pushed to now.
+    current: usize,
+    marks: Vec<ShardMark>,
+    /// Redirects followed since the last acknowledged batch.
+    redirect_hops: u32,
+    /// Set by a REDIRECT ack or a return home: no new sends, switch once the window is empty.
+    leave: Option<Leave>,
+    home_failed: Option<Instant>,
+    rehomed: Option<Instant>,
+    returned: Option<Instant>,
     next_seq: u64,
     /// End of the last new batch's time span: the next one starts after it.
     next_time: i64,
@@ -168,26 +300,43 @@ struct Agent {
     tokens: usize,
     total: Counts,
     window: Counts,
-    latency: Histogram<u64>,
 }
 
 /// Runs agent `id` until its batches are all acknowledged after `plan.stop`, or the drain deadline passes.
 pub async fn run_agent(
     id: usize,
     points: PointGen,
-    channel: Channel,
+    cluster: Arc<Cluster>,
     plan: Arc<Plan>,
     live: Arc<Live>,
 ) -> AgentReport {
-    let client = IngestClient::new(channel)
-        .send_compressed(CompressionEncoding::Zstd)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .max_decoding_message_size(MAX_DECODING_BYTES);
+    let ranking: Vec<usize> = {
+        let ids = cluster.shards.iter().map(|s| s.id.as_str());
+        damselfly_proto::shards::rank(points.agent_id(), ids)
+            .into_iter()
+            .filter_map(|r| cluster.shards.iter().position(|s| s.id == r))
+            .collect()
+    };
+    let home = ranking.first().copied().unwrap_or(0);
     let mut agent = Agent {
         id,
         points,
         live,
-        client,
+        marks: vec![
+            ShardMark {
+                down_until: None,
+                next_mark: plan.backoff_initial,
+            };
+            cluster.shards.len()
+        ],
+        cluster,
+        ranking,
+        current: home,
+        redirect_hops: 0,
+        leave: None,
+        home_failed: None,
+        rehomed: None,
+        returned: None,
         next_seq: 1,
         next_time: 0,
         resend: BTreeMap::new(),
@@ -202,7 +351,6 @@ pub async fn run_agent(
         },
         total: Counts::default(),
         window: Counts::default(),
-        latency: new_histogram(),
         plan,
     };
     agent.run().await;
@@ -213,17 +361,57 @@ pub async fn run_agent(
         p += x.points;
         c += x.cpu_points;
     }
+    let ms = |t: Option<Instant>| t.map(|t| agent.plan.unix_ms(t));
     AgentReport {
         total: agent.total,
         window: agent.window,
-        latency_us: agent.latency,
         unacked_batches: b,
         unacked_points: p,
         unacked_cpu_points: c,
+        home,
+        home_failed_ms: ms(agent.home_failed),
+        rehomed_ms: ms(agent.rehomed),
+        returned_ms: ms(agent.returned),
     }
 }
 
 impl Agent {
+    fn home(&self) -> usize {
+        self.ranking.first().copied().unwrap_or(0)
+    }
+
+    fn is_down(&self, shard: usize, now: Instant) -> bool {
+        self.marks[shard].down_until.is_some_and(|t| t > now)
+    }
+
+    /// Position of `shard` in the agent's ranking (shards outside it rank last).
+    fn rank_of(&self, shard: usize) -> usize {
+        self.ranking
+            .iter()
+            .position(|&s| s == shard)
+            .unwrap_or(self.ranking.len())
+    }
+
+    /// The shard to push to now: the current one unless it is down, else the best-ranked one not down.
+    fn pick(&self, now: Instant) -> Option<usize> {
+        if !self.is_down(self.current, now) {
+            return Some(self.current);
+        }
+        self.ranking
+            .iter()
+            .copied()
+            .find(|&s| !self.is_down(s, now))
+    }
+
+    /// Marks `shard` down for its next backoff (with jitter: [d/2, d], so agents do not come back in lockstep).
+    fn mark_down(&mut self, shard: usize, now: Instant) {
+        let mark = &mut self.marks[shard];
+        let d = mark.next_mark;
+        mark.next_mark = (d * 2).min(self.plan.backoff_max);
+        let jittered = d / 2 + (d / 2).mul_f64(rand::random::<f64>());
+        mark.down_until = Some(now + jittered);
+    }
+
     async fn run(&mut self) {
         // Spread the agents' ticks over one interval so they do not send in lockstep.
         let mut ticker = self.plan.interval.map(|d| {
@@ -232,19 +420,41 @@ impl Agent {
             t.set_missed_tick_behavior(MissedTickBehavior::Skip);
             t
         });
-        let mut backoff = BACKOFF_INITIAL;
         loop {
-            if self.finished() || Instant::now() >= self.plan.drain_deadline {
+            let now = Instant::now();
+            if self.finished() || now >= self.plan.drain_deadline {
                 return;
             }
-            let acked_before = self.total.batches_stored + self.total.batches_duplicate;
-            match self.stream(&mut ticker).await {
+            let Some(target) = self.pick(now) else {
+                // Every shard is down: wait for the first mark to expire.
+                let wake = self
+                    .marks
+                    .iter()
+                    .filter_map(|m| m.down_until)
+                    .min()
+                    .unwrap_or(now)
+                    .min(self.plan.drain_deadline);
+                tokio::time::sleep_until(wake).await;
+                continue;
+            };
+            if target != self.current {
+                self.current = target;
+                self.count(now, |c| c.shard_switches += 1);
+            }
+            match self.stream(target, &mut ticker).await {
                 StreamEnd::Done => return,
                 StreamEnd::Failed(reason) => {
-                    self.count(Instant::now(), |c| c.stream_errors += 1);
+                    let now = Instant::now();
+                    self.count(now, |c| c.stream_errors += 1);
                     let n = self.live.stream_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     if n <= MAX_ERROR_MESSAGES {
-                        eprintln!("agent {}: stream failed: {reason}", self.points.agent_id());
+                        let shard = &self.cluster.shards[target];
+                        eprintln!(
+                            "agent {}: stream to {} ({}) failed: {reason}",
+                            self.points.agent_id(),
+                            shard.id,
+                            shard.grpc_url
+                        );
                         if n == MAX_ERROR_MESSAGES {
                             eprintln!("(further stream failures are only counted)");
                         }
@@ -253,12 +463,23 @@ impl Agent {
                     for p in self.in_flight.drain(..) {
                         self.resend.insert(p.seq, p);
                     }
-                    if self.total.batches_stored + self.total.batches_duplicate > acked_before {
-                        backoff = BACKOFF_INITIAL;
+                    self.leave = None;
+                    if target == self.home() && self.home_failed.is_none() {
+                        self.home_failed = Some(now);
                     }
-                    let wake = (Instant::now() + backoff).min(self.plan.drain_deadline);
-                    tokio::time::sleep_until(wake).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    self.mark_down(target, now);
+                }
+                StreamEnd::Moved(next) => {
+                    let now = Instant::now();
+                    self.marks[next].down_until = None;
+                    if next != self.current {
+                        self.current = next;
+                        self.count(now, |c| c.shard_switches += 1);
+                    }
+                    if self.redirect_hops > MAX_REDIRECT_HOPS {
+                        let wake = (now + self.plan.backoff_initial).min(self.plan.drain_deadline);
+                        tokio::time::sleep_until(wake).await;
+                    }
                 }
             }
         }
@@ -269,16 +490,47 @@ impl Agent {
         self.stopping && self.resend.is_empty() && self.in_flight.is_empty()
     }
 
-    /// One `Push` stream, until it breaks or the agent is done.
-    async fn stream(&mut self, ticker: &mut Option<Interval>) -> StreamEnd {
+    /// The ids of the shards marked down now, comma-separated.
+    fn unreachable(&self, now: Instant) -> String {
+        let mut ids = Vec::new();
+        for (i, s) in self.cluster.shards.iter().enumerate() {
+            if self.is_down(i, now) {
+                ids.push(s.id.as_str());
+            }
+        }
+        ids.join(",")
+    }
+
+    /// When the agent should try a better-ranked shard than `shard` again: the earliest expiry of their marks.
+    fn return_home_at(&self, shard: usize) -> Option<(Instant, usize)> {
+        let pos = self.rank_of(shard);
+        self.ranking[..pos.min(self.ranking.len())]
+            .iter()
+            .filter_map(|&s| self.marks[s].down_until.map(|t| (t, s)))
+            .min()
+    }
+
+    /// One `Push` stream to `shard`, until it breaks, the agent moves or the agent is done.
+    async fn stream(&mut self, shard: usize, ticker: &mut Option<Interval>) -> StreamEnd {
         let cap = self.plan.in_flight.max(1);
         let (tx, rx) = mpsc::channel::<WriteBatch>(cap);
+        self.leave = None;
         // Put the first batches on the stream before opening it: a server may wait for the first message.
         if let Err(reason) = self.fill(&tx) {
             return StreamEnd::Failed(reason);
         }
-        let mut client = self.client.clone();
-        let call = client.push(ReceiverStream::new(rx));
+        let clients = &self.cluster.shards[shard].clients;
+        let mut client = clients[self.id % clients.len()].clone();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if self.cluster.sharded {
+            let down = self.unreachable(Instant::now());
+            if !down.is_empty()
+                && let Ok(v) = MetadataValue::try_from(down.as_str())
+            {
+                request.metadata_mut().insert(UNREACHABLE_SHARDS_HEADER, v);
+            }
+        }
+        let call = client.push(request);
         let deadline = self.plan.drain_deadline;
         let mut acks = tokio::select! {
             r = call => match r {
@@ -287,11 +539,20 @@ impl Agent {
             },
             () = tokio::time::sleep_until(deadline) => return StreamEnd::Done,
         };
+        let home_at = self.return_home_at(shard);
         let mut last_ack = Instant::now();
-        // One timer for the drain deadline, the end of the run, the end of a RETRY pause and the ack timeout.
+        // One timer for the drain deadline, the end of the run, the end of a RETRY pause, the ack timeout and the
+        // return home.
         let timer = tokio::time::sleep_until(deadline);
         tokio::pin!(timer);
         loop {
+            let now = Instant::now();
+            if self.leave.is_none()
+                && let Some((t, s)) = home_at
+                && now >= t
+            {
+                self.leave = Some(Leave::Home(s));
+            }
             // `fill` also notices the end of the run and of a pause.
             if let Err(reason) = self.fill(&tx) {
                 return StreamEnd::Failed(reason);
@@ -299,7 +560,11 @@ impl Agent {
             if self.finished() {
                 return StreamEnd::Done;
             }
-            let now = Instant::now();
+            if let Some(leave) = self.leave
+                && self.in_flight.is_empty()
+            {
+                return StreamEnd::Moved(leave.target());
+            }
             if now >= deadline {
                 return StreamEnd::Done;
             }
@@ -319,7 +584,11 @@ impl Agent {
             if !self.stopping {
                 wake = wake.min(self.plan.stop);
             }
-            for t in [self.paused_until, ack_deadline].into_iter().flatten() {
+            let home = home_at.filter(|_| self.leave.is_none()).map(|(t, _)| t);
+            for t in [self.paused_until, ack_deadline, home]
+                .into_iter()
+                .flatten()
+            {
                 wake = wake.min(t);
             }
             if timer.deadline() != wake {
@@ -330,7 +599,7 @@ impl Agent {
                 m = acks.next() => match m {
                     Some(Ok(ack)) => {
                         last_ack = Instant::now();
-                        if let Err(reason) = self.on_ack(ack, last_ack) {
+                        if let Err(reason) = self.on_ack(shard, ack, last_ack) {
                             return StreamEnd::Failed(reason);
                         }
                     }
@@ -353,12 +622,13 @@ impl Agent {
     }
 
     /// Puts batches on the stream up to the window: resends first, then new batches if the schedule allows.
+    /// Nothing while the agent is leaving the shard.
     fn fill(&mut self, tx: &mpsc::Sender<WriteBatch>) -> Result<(), String> {
         let now = Instant::now();
         if self.stopping || now >= self.plan.stop {
             self.stopping = true;
         }
-        if self.paused_until.is_some_and(|t| t > now) {
+        if self.leave.is_some() || self.paused_until.is_some_and(|t| t > now) {
             return Ok(());
         }
         self.paused_until = None;
@@ -408,8 +678,21 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies one ack. An error breaks the stream (its batches are resent).
-    fn on_ack(&mut self, ack: Ack, now: Instant) -> Result<(), String> {
+    /// Notes an acknowledged batch (STORED or DUPLICATE) from `shard`: resets its backoff, tracks re-homing.
+    fn acknowledged(&mut self, shard: usize, now: Instant) {
+        self.marks[shard].next_mark = self.plan.backoff_initial;
+        self.redirect_hops = 0;
+        if self.home_failed.is_some() {
+            if shard != self.home() {
+                self.rehomed.get_or_insert(now);
+            } else if self.rehomed.is_some() {
+                self.returned.get_or_insert(now);
+            }
+        }
+    }
+
+    /// Applies one ack from `shard`. An error breaks the stream (its batches are resent).
+    fn on_ack(&mut self, shard: usize, ack: Ack, now: Instant) -> Result<(), String> {
         let Some(p) = self.in_flight.pop_front() else {
             return Err(format!("ack for seq {} with nothing in flight", ack.seq));
         };
@@ -425,6 +708,7 @@ impl Agent {
         match AckStatus::try_from(ack.status) {
             Ok(AckStatus::Stored) => {
                 self.record_latency(now, latency_us);
+                self.acknowledged(shard, now);
                 self.count(now, |c| {
                     c.batches_stored += 1;
                     c.points_stored += ack.points_stored;
@@ -435,6 +719,11 @@ impl Agent {
                 self.live
                     .points_stored
                     .fetch_add(ack.points_stored, Ordering::Relaxed);
+                if let Some(s) = self.live.shards.get(shard) {
+                    s.batches_stored.fetch_add(1, Ordering::Relaxed);
+                    s.points_stored
+                        .fetch_add(ack.points_stored, Ordering::Relaxed);
+                }
                 if ack.points_stored != p.points && self.total.batches_stored <= 1 {
                     eprintln!(
                         "agent {}: seq {} acknowledged {} points stored, {} were sent",
@@ -447,6 +736,7 @@ impl Agent {
             }
             Ok(AckStatus::Duplicate) => {
                 self.record_latency(now, latency_us);
+                self.acknowledged(shard, now);
                 self.count(now, |c| {
                     c.batches_duplicate += 1;
                     c.points_duplicate += p.points;
@@ -472,6 +762,23 @@ impl Agent {
                 self.paused_until = Some(self.paused_until.map_or(wake, |t| t.max(wake)));
                 self.resend.insert(p.seq, p);
             }
+            Ok(AckStatus::Redirect) if self.cluster.sharded => {
+                self.count(now, |c| c.redirects += 1);
+                self.live.redirects.fetch_add(1, Ordering::Relaxed);
+                // Nothing was stored: the batch goes to the owner once the rest of the window is acknowledged.
+                self.resend.insert(p.seq, p);
+                if self.leave.is_none() {
+                    let info = ack.redirect.unwrap_or_default();
+                    let Some(to) = self.cluster.index_of(&info.id, &info.grpc_url) else {
+                        return Err(format!(
+                            "redirect to shard {:?} ({}), which is not in the shard map",
+                            info.id, info.grpc_url
+                        ));
+                    };
+                    self.redirect_hops += 1;
+                    self.leave = Some(Leave::Redirect(to));
+                }
+            }
             Ok(AckStatus::Unspecified | AckStatus::Redirect) | Err(_) => {
                 self.in_flight.push_front(p);
                 return Err(format!(
@@ -484,8 +791,10 @@ impl Agent {
     }
 
     fn record_latency(&mut self, now: Instant, us: u64) {
-        if self.plan.in_window(now) {
-            self.latency.saturating_record(us.clamp(1, HIST_MAX_US));
+        if self.plan.in_window(now)
+            && let Ok(mut h) = self.live.latency_us.lock()
+        {
+            h.saturating_record(us.clamp(1, HIST_MAX_US));
         }
     }
 
@@ -529,6 +838,7 @@ mod tests {
     use damselfly_proto::v1::ingest_server::{Ingest, IngestServer};
     use futures::Stream;
     use tokio_stream::wrappers::TcpListenerStream;
+    use tonic::codec::CompressionEncoding;
     use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
@@ -649,8 +959,19 @@ mod tests {
             drain_deadline: now + Duration::from_secs(10),
             interval: None,
             in_flight: 4,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            epoch: (now, 0),
         });
-        let live = Arc::new(Live::default());
+        let live = Arc::new(Live::new(1));
+        let cluster = Arc::new(Cluster {
+            shards: vec![Shard {
+                id: "collector".to_owned(),
+                grpc_url: format!("http://{addr}"),
+                clients: vec![IngestClient::new(channel)],
+            }],
+            sharded: false,
+        });
         let agents = 3;
         let mut tasks = Vec::new();
         for i in 0..agents {
@@ -658,7 +979,7 @@ mod tests {
             tasks.push(tokio::spawn(run_agent(
                 i,
                 points,
-                channel.clone(),
+                cluster.clone(),
                 plan.clone(),
                 live.clone(),
             )));
@@ -667,10 +988,10 @@ mod tests {
         for t in tasks {
             let r = t.await.expect("agent task");
             assert_eq!(r.unacked_batches, 0);
-            assert!(!r.latency_us.is_empty());
             total.add(&r.total);
         }
         serve.abort();
+        assert!(!live.latency_us.lock().expect("histogram lock").is_empty());
 
         let st = fake.0.lock().expect("fake state lock");
         assert_eq!(st.stored.len(), agents);

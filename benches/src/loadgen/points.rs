@@ -49,6 +49,11 @@ const CPU_FIELDS: [&str; 11] = [
 
 const GIB: u64 = 1 << 30;
 
+/// Points in one collection round of a VM with `n_cpus` CPUs.
+const fn round_len(n_cpus: usize) -> usize {
+    n_cpus + 1 + 1 + DISKS.len() + INTERFACES.len() + 1
+}
+
 /// Generates the batches of one simulated agent.
 #[derive(Debug, Clone)]
 pub struct PointGen {
@@ -68,7 +73,8 @@ pub struct PointGen {
 }
 
 impl PointGen {
-    /// Agent number `index` of run `run`; `points_per_batch` below 1 is treated as 1.
+    /// Agent number `index` of run `run`; `points_per_batch` 0 means one collection round per batch (what a real
+    /// agent sends every interval: 10-24 points, depending on the VM's CPUs).
     pub fn new(run: &str, index: usize, points_per_batch: usize) -> Self {
         let agent_id = format!("loadgen-{run}-{index}");
         let (csp, regions) = CLOUDS[index % CLOUDS.len()];
@@ -94,7 +100,10 @@ impl PointGen {
             mem_total: n_cpus as u64 * 4 * GIB,
             load: 0.05 + 0.8 * unit(seed, 1),
             seed,
-            points_per_batch: points_per_batch.max(1),
+            points_per_batch: match points_per_batch {
+                0 => round_len(n_cpus),
+                n => n,
+            },
             columnar: false,
             template: std::sync::OnceLock::new(),
         }
@@ -113,7 +122,7 @@ impl PointGen {
 
     /// Points in one collection round: cpu-total and one per CPU, mem, one per disk and interface, system.
     pub fn round_len(&self) -> usize {
-        self.n_cpus + 1 + 1 + DISKS.len() + INTERFACES.len() + 1
+        round_len(self.n_cpus)
     }
 
     /// Rounds a batch spans (the last one may be partial).
@@ -561,8 +570,10 @@ mod tests {
             }
         }
         assert_eq!(last.len(), INTERFACES.len());
-        // Tiny batches still carry a point; other agents get other ids and identities.
-        assert_eq!(PointGen::new("t2", 0, 0).batch(1, t0).points.len(), 1);
+        // 0 points per batch = one collection round (agent 0 has 2 CPUs: 10 points); tiny batches still carry a
+        // point; other agents get other ids and identities.
+        assert_eq!(PointGen::new("t2", 0, 0).batch(1, t0).points.len(), 10);
+        assert_eq!(PointGen::new("t2", 0, 1).batch(1, t0).points.len(), 1);
         assert_ne!(
             PointGen::new("t2", 1, 10).batch(1, t0).common_tags,
             g.batch(1, t0).common_tags
