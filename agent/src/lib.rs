@@ -7,7 +7,8 @@
 //! batch in `common_tags`, split at `batch_max_points`, a strictly increasing `seq` from [`seq`]) → the bounded
 //! pending [`queue`], shared by every task ([`SharedQueue`]): the disk [`spool`] when there is a spool directory,
 //! memory otherwise → [`push`] (re-sends until STORED/DUPLICATE, reconnects with backoff, replays the spool in
-//! order after an outage) and/or the pull server.
+//! order after an outage; with a sharded collector it pushes to the shard that owns the agent, follows redirects,
+//! fails over to the next shard and comes back) and/or the pull server.
 //!
 //! The `damselfly-agent` binary wraps [`run`]; the `damselfly` CLI embeds the same [`run`] in-process.
 

@@ -191,14 +191,15 @@ pub async fn run_following(
     let beat = async {
         loop {
             let url = collector.borrow_and_update().clone();
+            let changed = async {
+                if collector.changed().await.is_err() {
+                    // No sender (one collector for good, or the push task is gone): stay where we are.
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = register_and_beat(&settings, url, &request, &status, started) => {}
-                r = collector.changed() => {
-                    if r.is_err() {
-                        // The push task is gone (shutdown): stay where we are.
-                        std::future::pending::<()>().await;
-                    }
-                }
+                () = changed => {}
             }
         }
     };
@@ -509,6 +510,47 @@ mod tests {
             (7, 7000, 2)
         );
         assert!(h.uptime_secs < 10);
+    }
+
+    /// When the push task moves to another shard, registration and heartbeats move with it.
+    #[tokio::test]
+    async fn follows_the_shard_the_agent_pushes_to() {
+        let (first, second) = (Fake::default(), Fake::default());
+        let first_url = serve(first.clone()).await;
+        let second_url = serve(second.clone()).await;
+        let (url_tx, url_rx) = watch::channel(first_url);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(run_following(
+            fast(),
+            url_rx,
+            sample_request(),
+            AgentStatus::default,
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        wait_for("heartbeats to the first shard", || {
+            first.0.lock().unwrap().heartbeat_calls.len() >= 2
+        })
+        .await;
+        url_tx.send(second_url).unwrap();
+        wait_for("heartbeats to the second shard", || {
+            second.0.lock().unwrap().heartbeat_calls.len() >= 2
+        })
+        .await;
+        let beats_before = first.0.lock().unwrap().heartbeat_calls.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            first.0.lock().unwrap().heartbeat_calls.len(),
+            beats_before,
+            "the first shard hears no more"
+        );
+        assert!(second.0.lock().unwrap().order.starts_with("RH"));
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("run returns promptly on shutdown")
+            .unwrap();
     }
 
     #[tokio::test]
