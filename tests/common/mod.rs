@@ -130,13 +130,28 @@ impl CollectorProc {
         Self::start_command("up", data_dir, extra)
     }
 
+    /// `damselfly collector` on given addresses (e.g. a shard whose addresses are in the shards file).
+    pub fn start_at(data_dir: &Path, grpc: &str, http: &str, extra: &[&str]) -> CollectorProc {
+        Self::start_command_at("collector", data_dir, grpc, http, extra)
+    }
+
     fn start_command(command: &str, data_dir: &Path, extra: &[&str]) -> CollectorProc {
+        Self::start_command_at(command, data_dir, "127.0.0.1:0", "127.0.0.1:0", extra)
+    }
+
+    fn start_command_at(
+        command: &str,
+        data_dir: &Path,
+        grpc: &str,
+        http: &str,
+        extra: &[&str],
+    ) -> CollectorProc {
         let stderr_log = data_dir.with_extension(format!("{command}.{}.stderr", unique()));
         let mut child = Command::new(damselfly_bin())
             .arg(command)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(["--grpc", grpc, "--http", http])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
