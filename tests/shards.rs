@@ -608,8 +608,34 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
             assert_eq!(code, 200);
         }
     }
-    // Files carry the shard id in their path, under the one shared store.
+    // An independent reader (pyarrow's dataset API, hive partitioning) over the shared store (this test's only
+    // table) sees every acknowledged point once, with the shard as a partition column.
     let shared = d.dir.path().join("shared");
+    let python = common::python_with_pyarrow();
+    let script = format!(
+        r#"
+import json, sys, pyarrow.dataset as ds
+t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table()
+keys = set(zip(t.column("agent").to_pylist(), t.column("seq").to_pylist(), t.column("i").to_pylist()))
+print(json.dumps({{"rows": t.num_rows, "distinct": len(keys), "shards": sorted(set(t.column("shard").to_pylist()))}}))
+"#
+    );
+    let output = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .arg(shared.to_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(v["rows"], acked_points, "{v}");
+    assert_eq!(v["distinct"], acked_points, "{v}");
+    assert_eq!(v["shards"], serde_json::json!(["s0", "s1", "s2"]), "{v}");
+
+    // Files carry the shard id in their path, under the one shared store.
     for s in &d.shards {
         let dir = shared
             .join(format!("shard={}", s.id))
