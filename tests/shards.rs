@@ -669,3 +669,54 @@ fn parquet_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `damselfly up --shards 3`: three shards and the local agent in one process; every shard answers for the whole
+/// deployment.
+#[test]
+fn up_with_three_shards_serves_the_local_agent_through_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let log = dir.path().join("up.stderr");
+    let child = std::process::Command::new(common::damselfly_bin())
+        .args(["up", "--shards", "3", "--interval", "1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "--grpc",
+            &format!("127.0.0.1:{grpc}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _up = common::Proc::adopt(child, "damselfly up --shards 3", log);
+    let urls: Vec<String> = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", http + i))
+        .collect();
+    for url in &urls {
+        wait_until(Duration::from_secs(60), "every shard's map", || {
+            http_get(&format!("{url}/api/v1/shards"))
+                .is_ok_and(|(code, body)| code == 200 && body.matches("\"live\":true").count() == 3)
+        });
+    }
+    let host = sysinfo_hostname();
+    for url in &urls {
+        wait_until(
+            Duration::from_secs(30),
+            "the local agent's rows through every shard",
+            || {
+                let (code, _, body) = sql_with_headers(url, "SELECT DISTINCT hostname FROM cpu");
+                code == 200 && body.contains(&format!("\"{host}\""))
+            },
+        );
+    }
+}
+
+fn sysinfo_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
