@@ -406,7 +406,9 @@ impl SnapshotTable {
         }
     }
 
-    fn files_table(&self, state: &dyn Session, range: TimeRange) -> DfResult<Option<ListingTable>> {
+    /// One listing table per object store the files are in (local files, a shared bucket): DataFusion reads all
+    /// paths of a listing table through the store of its first.
+    fn files_tables(&self, state: &dyn Session, range: TimeRange) -> DfResult<Vec<ListingTable>> {
         // Files whose time range cannot match are not even opened.
         let files: Vec<&ParquetFile> = self
             .snapshot
@@ -415,24 +417,31 @@ impl SnapshotTable {
             .map(|f| f.as_ref())
             .filter(|f| range.overlaps(f.min_time, f.max_time))
             .collect();
-        if files.is_empty() {
-            return Ok(None);
+        let mut by_store: BTreeMap<String, Vec<ListingTableUrl>> = BTreeMap::new();
+        for url in files.iter().map(|f| {
+            let path = f.path.to_str().ok_or_else(|| {
+                DataFusionError::Internal(format!("{} is not valid UTF-8", f.path.display()))
+            })?;
+            ListingTableUrl::parse(path)
+        }) {
+            let url = url?;
+            by_store
+                .entry(url.object_store().as_str().to_string())
+                .or_default()
+                .push(url);
         }
-        let urls = files
-            .iter()
-            .map(|f| {
-                let path = f.path.to_str().ok_or_else(|| {
-                    DataFusionError::Internal(format!("{} is not valid UTF-8", f.path.display()))
-                })?;
-                ListingTableUrl::parse(path)
+        by_store
+            .into_values()
+            .map(|urls| {
+                let format =
+                    ParquetFormat::default().with_options(state.table_options().parquet.clone());
+                let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+                let config = ListingTableConfig::new_with_multi_paths(urls)
+                    .with_listing_options(options)
+                    .with_schema(self.schema.clone());
+                ListingTable::try_new(config)
             })
-            .collect::<DfResult<Vec<_>>>()?;
-        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
-        let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(self.schema.clone());
-        ListingTable::try_new(config).map(Some)
+            .collect()
     }
 
     fn buffer_table(&self) -> DfResult<Option<MemTable>> {
@@ -475,7 +484,7 @@ impl TableProvider for SnapshotTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let mut inputs: Vec<Arc<dyn ExecutionPlan>> = Vec::with_capacity(2);
-        if let Some(files) = self.files_table(state, TimeRange::from_filters(filters))? {
+        for files in self.files_tables(state, TimeRange::from_filters(filters))? {
             inputs.push(files.scan(state, projection, filters, limit).await?);
         }
         if let Some(buffer) = self.buffer_table()? {

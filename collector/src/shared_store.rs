@@ -243,6 +243,22 @@ fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Colle
     CollectorError::Server(format!("shared store: {what}: {e}"))
 }
 
+/// An object store error with its causes (the HTTP client's reason is several levels down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        // object_store repeats some causes in its own message.
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}
+
 impl SharedStore {
     /// The store of `config` (validated) for shard `shard_id`, whose local files live under `local_root`. Makes no
     /// request yet.
@@ -252,7 +268,13 @@ impl SharedStore {
         local_root: &Path,
     ) -> Result<SharedStore> {
         let (bucket, prefix) = config.bucket_and_prefix().map_err(CollectorError::Config)?;
+        // Client options first: they replace the whole set, `allow_http` included.
         let mut builder = AmazonS3Builder::new()
+            .with_client_options(
+                ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(60)),
+            )
             .with_bucket_name(&bucket)
             .with_region(&config.region)
             .with_allow_http(config.allow_http)
@@ -261,12 +283,7 @@ impl SharedStore {
                 backoff: BackoffConfig::default(),
                 max_retries: 3,
                 retry_timeout: Duration::from_secs(30),
-            })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(60)),
-            );
+            });
         if let Some(endpoint) = &config.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
@@ -388,7 +405,7 @@ impl SharedStore {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| store_error(format!("listing {}", self.url()), e))?;
+            .map_err(|e| store_error(format!("listing {}", self.url()), chain(&e)))?;
         let local_root = self.inner.local_root.clone();
         let local_empty = tokio::task::spawn_blocking(move || local_files(&local_root))
             .await
@@ -453,10 +470,9 @@ impl SharedStore {
                 ));
             }
         };
-        writer
-            .shutdown()
-            .await
-            .map_err(|e| store_error(format!("uploading {} to {key}", path.display()), e))?;
+        writer.shutdown().await.map_err(|e| {
+            store_error(format!("uploading {} to {key}", path.display()), chain(&e))
+        })?;
         tracing::debug!(file = %path.display(), key = %key, bytes = size, "uploaded to the shared store");
         let mut state = self.state();
         state.remote.insert(relative.to_string(), size);
@@ -512,7 +528,7 @@ impl SharedStore {
                     state.remote.remove(&rel);
                     state.gone_since.remove(&rel);
                 }
-                Err(e) => return Err(store_error(format!("deleting {key}"), e)),
+                Err(e) => return Err(store_error(format!("deleting {key}"), chain(&e))),
             }
         }
         uploads
@@ -574,7 +590,7 @@ impl SharedStore {
             .try_filter(|o| futures::future::ready(o.location.as_ref().ends_with(".parquet")))
             .try_collect()
             .await
-            .map_err(|e| format!("listing {}/{prefix}: {e}", self.url()))?;
+            .map_err(|e| format!("listing {}/{prefix}: {}", self.url(), chain(&e)))?;
         if objects.is_empty() {
             return Ok(None);
         }
@@ -639,7 +655,7 @@ impl SharedStore {
                     .store
                     .get_range(&location, size - len.min(size)..size)
                     .await
-                    .map_err(|e| format!("{url}: {e}"))
+                    .map_err(|e| format!("{url}: {}", chain(&e)))
             }
         };
         // The footer from the file's tail: one ranged GET, a second when the footer is larger than the guess.
