@@ -720,3 +720,83 @@ fn sysinfo_hostname() -> String {
         .trim()
         .to_string()
 }
+
+fn agent_seen(http: &str, agent: &str, within_secs: u64) -> bool {
+    let Ok((200, body)) = http_get(&format!("{http}/api/v1/agents")) else {
+        return false;
+    };
+    let agents: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    agents.iter().any(|a| {
+        a["agent_id"] == agent
+            && a["last_seen_secs_ago"]
+                .as_u64()
+                .is_some_and(|s| s <= within_secs)
+    })
+}
+
+fn rows_since(http: &str, agent: &str, since_nanos: i64) -> u64 {
+    let (code, _, body) = sql_with_headers(
+        http,
+        &format!(
+            "SELECT count(*) AS n FROM cpu WHERE agent_id = '{agent}' AND time > to_timestamp_nanos({since_nanos})"
+        ),
+    );
+    if code != 200 {
+        return 0;
+    }
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    rows[0]["n"].as_u64().unwrap_or(0)
+}
+
+/// A real `damselfly-agent` seeded with a shard that does not own it: it is redirected to its owner; when the
+/// owner is SIGKILLed it keeps delivering through its second choice; when the owner is back it returns.
+#[test]
+fn a_real_agent_follows_redirects_fails_over_and_returns() {
+    let mut d = Deployment::new(3);
+    for via in 0..3 {
+        d.wait_for_map(via, 3, 3);
+    }
+    let ids = ["s0", "s1", "s2"];
+    // An id whose owner is not s0, the seed, so the first thing it meets is a redirect.
+    let agent = (0..)
+        .map(|i| format!("real-agent-{i}"))
+        .find(|a| damselfly_proto::shards::owner(a, ids) != Some("s0"))
+        .unwrap();
+    let ranking = damselfly_proto::shards::rank(&agent, ids);
+    let index = |id: &str| id[1..].parse::<usize>().unwrap();
+    let (owner, second) = (index(ranking[0]), index(ranking[1]));
+    let state = d.dir.path().join("agent-state");
+    let _agent = common::start_agent(
+        &format!("http://127.0.0.1:{}", d.shards[0].grpc),
+        &state,
+        &["--agent-id", &agent],
+    );
+    let owner_http = d.shards[owner].http_url();
+    let second_http = d.shards[second].http_url();
+    wait_until(Duration::from_secs(30), "the agent at its owner", || {
+        agent_seen(&owner_http, &agent, 1) && rows_since(&d.shards[0].http_url(), &agent, 0) > 0
+    });
+
+    d.procs[owner].take().unwrap().proc.kill();
+    let killed = now_nanos();
+    wait_until(
+        Duration::from_secs(30),
+        "the agent's rows through its second choice",
+        || agent_seen(&second_http, &agent, 1) && rows_since(&second_http, &agent, killed) > 0,
+    );
+
+    d.procs[owner] = Some(d.start(owner));
+    let back = now_nanos();
+    wait_until(
+        Duration::from_secs(60),
+        "the agent back at its owner",
+        || {
+            // Heard from by the owner after its restart, and its new rows are there.
+            agent_seen(&owner_http, &agent, 0) && rows_since(&owner_http, &agent, back) > 0 && {
+                // The owner's own buffer (not a peer's) holds rows of the agent newer than the restart.
+                let (_, body) = http_get(&format!("{owner_http}/health")).unwrap();
+                body.contains("\"buffered_rows\"")
+            }
+        },
+    );
+}
