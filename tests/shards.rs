@@ -787,16 +787,10 @@ fn a_real_agent_follows_redirects_fails_over_and_returns() {
 
     d.procs[owner] = Some(d.start(owner));
     let back = now_nanos();
+    // Heartbeats and batches go to the shard the agent pushes to: the restarted owner hears from it again.
     wait_until(
         Duration::from_secs(60),
         "the agent back at its owner",
-        || {
-            // Heard from by the owner after its restart, and its new rows are there.
-            agent_seen(&owner_http, &agent, 0) && rows_since(&owner_http, &agent, back) > 0 && {
-                // The owner's own buffer (not a peer's) holds rows of the agent newer than the restart.
-                let (_, body) = http_get(&format!("{owner_http}/health")).unwrap();
-                body.contains("\"buffered_rows\"")
-            }
-        },
+        || agent_seen(&owner_http, &agent, 0) && rows_since(&owner_http, &agent, back) > 0,
     );
 }
