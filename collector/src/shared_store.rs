@@ -785,6 +785,30 @@ mod tests {
     }
 
     #[test]
+    fn the_collector_config_takes_one_shared_store() {
+        let base: crate::CollectorConfig = toml::from_str(
+            "[shared_store]\nurl = \"s3://bucket/p\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n",
+        )
+        .expect("toml");
+        assert!(base.validate().is_ok());
+        let store = base.shared_store.as_ref().expect("section");
+        assert_eq!(store.region, "us-east-1");
+        assert_eq!(store.delete_grace_secs, 600);
+        let both = crate::CollectorConfig {
+            shared_dir: Some(PathBuf::from("/shared")),
+            ..base.clone()
+        };
+        let err = both.validate().expect_err("both").to_string();
+        assert!(err.contains("either shared_dir or shared_store"), "{err}");
+        let bad = crate::CollectorConfig {
+            shared_store: Some(config("s3://x")),
+            ..base
+        };
+        let err = bad.validate().expect_err("bucket").to_string();
+        assert!(err.contains("shared_store: url \"s3://x\""), "{err}");
+    }
+
+    #[test]
     fn secrets_are_not_printed() {
         let c = SharedStoreConfig {
             access_key_id: Some("AKIDEXAMPLE".into()),
