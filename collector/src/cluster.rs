@@ -35,6 +35,7 @@ use damselfly_proto::v1::{ShardInfo, ShardMap, ShardMapRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, TableSchema};
+use crate::error::error_chain;
 use crate::http::{ApiError, ApiState};
 use crate::persist::ParquetFile;
 use crate::rollup::Resolution;
@@ -701,16 +702,6 @@ fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 /// The shard ids an agent says it cannot reach, from its request metadata.
 pub fn unreachable_from(metadata: &tonic::metadata::MetadataMap) -> Vec<String> {

@@ -44,3 +44,19 @@ impl CollectorError {
 }
 
 pub type Result<T, E = CollectorError> = std::result::Result<T, E>;
+
+/// An error with its sources, each once ("error sending request: client error (Connect): connection refused"
+/// rather than the first part alone): what logs and API answers about a peer or a destination show.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

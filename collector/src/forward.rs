@@ -940,19 +940,9 @@ fn classify(result: Result<(), influxdb2::RequestError>) -> Outcome {
     }
 }
 
-/// An error with its sources ("error sending request: connection refused" rather than the first part alone).
+/// [`crate::error::error_chain`], shortened for the counters page.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    truncate_text(&text)
+    truncate_text(&crate::error::error_chain(e))
 }
 
 /// The delay before retry number `attempt` (1-based): `initial * 2^(attempt-1)` capped at `max`, then a random
