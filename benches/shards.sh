@@ -3,8 +3,9 @@
 # damselfly-loadgen simulating shard-aware agents against them, in two runs:
 #   steady  the load for DURATION seconds; throughput, ack latency, RSS per shard;
 #   kill    the same, with one shard killed (SIGKILL) in the middle of the measured window; the loadgen reports
-#           how long until every agent of the killed shard had a batch acknowledged by another shard. After the
-#           load the killed shard is restarted (WAL replay; batches its peers stored meanwhile are left out).
+#           how long until every agent of the killed shard had a batch acknowledged by another shard. The killed
+#           shard is restarted after the load (WAL replay; batches its peers stored meanwhile are left out), or
+#           RESTART_AFTER seconds after the kill, during the load, to see its agents return home.
 # After each run every shard flushes (POST /api/v1/admin/flush) and a SQL count through one shard (spanning all
 # shards, ?complete=true) must equal the points acknowledged: 0 lost, 0 duplicated; the cpu table is also checked
 # for duplicate (agent_id, cpu, time) rows.
@@ -13,7 +14,7 @@
 # Environment (defaults in brackets):
 #   AGENTS [10000]  INTERVAL_MS [10000]  POINTS [0 = one collection round per batch, 10-24 points]
 #   DURATION [120] measured seconds  WARMUP [10]  KILL_SHARD [s0]  KILL_AT [DURATION/2] seconds into the window
-#   SCENARIOS ["steady kill"]  LOADGEN_ARGS (extra loadgen flags)  COLLECTOR_ARGS (extra collector flags)
+#   RESTART_AFTER [empty: after the load]  SCENARIOS ["steady kill"]  LOADGEN_ARGS (extra loadgen flags)  COLLECTOR_ARGS (extra collector flags)
 #   SKIP_BUILD=1  use the binaries already built;  KEEP_DATA=1  keep the temp dir (logs, data, JSON)
 #   DAMSELFLY_BIN / LOADGEN_BIN  binaries to use [target/release/damselfly, target/release/damselfly-loadgen]
 #
@@ -163,11 +164,19 @@ run_scenario() {
         PID[$KILL_SHARD]=""
         log "$scenario: killed $KILL_SHARD (SIGKILL) at $kill_ms"
     fi
+    local restart_ms="" restart_s=""
+    if [ -n "$kill_ms" ] && [ -n "${RESTART_AFTER:-}" ]; then
+        sleep "$RESTART_AFTER"
+        restart_ms=$(now_ms)
+        start_shard "$KILL_SHARD" "$dir"
+        restart_s=$(awk -v a="$restart_ms" -v b="$(now_ms)" 'BEGIN { printf "%.1f", (b - a) / 1000 }')
+        log "$scenario: restarted $KILL_SHARD during the load, healthy in ${restart_s}s"
+    fi
     local lg_status=0
     wait "$lg_pid" || lg_status=$?
     local cpu_after=()
     for s in "${SHARDS[@]}"; do
-        if [ -n "${PID[$s]}" ]; then cpu_after+=("$(cpu_s "${PID[$s]}")"); else cpu_after+=("$killed_cpu"); fi
+        if [ "$s" = "$KILL_SHARD" ] && [ -n "$kill_ms" ]; then cpu_after+=("$killed_cpu"); else cpu_after+=("$(cpu_s "${PID[$s]}")"); fi
     done
     kill "$SAMPLER_PID" 2>/dev/null || true
     wait "$SAMPLER_PID" 2>/dev/null || true
@@ -177,8 +186,7 @@ run_scenario() {
     J="$(tail -n1 "$dir/loadgen.json")"
     jv() { jq -r "$1" <<<"$J"; }
 
-    local restart_s=""
-    if [ -n "$kill_ms" ]; then
+    if [ -n "$kill_ms" ] && [ -z "$restart_ms" ]; then
         local t0
         t0=$(now_ms)
         start_shard "$KILL_SHARD" "$dir"
@@ -209,7 +217,8 @@ run_scenario() {
     [ "$cpu_rows" = "$cpu_distinct" ] || check=DUPLICATES
     [ "$lg_status" -eq 0 ] || check="LOADGEN-EXIT-$lg_status"
 
-    # RSS per shard over the measured window: mean and peak (MiB); the killed shard only until the kill.
+    # RSS per shard over the measured window: mean and peak (MiB); a killed shard only until the kill (the sampler
+    # does not follow a restart).
     local rss_lines=""
     for s2 in "${SHARDS[@]}" loadgen; do
         rss_lines+="$(awk -v s="$s2" -v a="$measure_start" -v b="$measure_end" '
@@ -241,10 +250,15 @@ run_scenario() {
         echo "per shard      $(jq -r '[.shards[] | "\(.id): \(.agents_home) agents, \(.points_stored) points"] | join("; ")' <<<"$J")"
         echo "events         resent $(jv .total.batches_resent)  redirects $(jv .total.redirects)  stream errors $(jv .total.stream_errors)  shard switches $(jv .total.shard_switches)  duplicate $(jv .total.batches_duplicate)  retry $(jv .total.retry_acks)  rejected $(jv .total.rejected)  missed ticks $(jv .total.missed_ticks)"
         [ -n "$failover" ] && echo "$failover"
-        [ -n "$restart_s" ] && echo "restart        $KILL_SHARD restarted after the load, healthy in ${restart_s} s"
+        if [ -n "$restart_ms" ]; then
+            echo "restart        $KILL_SHARD restarted $RESTART_AFTER s after the kill, healthy in ${restart_s} s; $(jq -r --arg k "$KILL_SHARD" --argjson r "$restart_ms" '.shards[] | select(.id == $k) |
+                "back home: \(.returned) of \(.rehomed) agents, the last \(if .last_returned_unix_ms then ((.last_returned_unix_ms - $r) / 1000 | tostring) + " s after the restart" else "-" end)"' <<<"$J")"
+        elif [ -n "$restart_s" ]; then
+            echo "restart        $KILL_SHARD restarted after the load, healthy in ${restart_s} s"
+        fi
         echo "collector RSS  (measured window, sampled every 2 s)"
         printf '%s' "$rss_lines" | sed 's/^/  /'
-        echo "collector CPU  $cpu_line(seconds used during the load)"
+        echo "collector CPU  $cpu_line(CPU seconds during the load; a killed shard until the kill)"
         echo "stored rows    $all (all tables, through ${seed}, after flush), acknowledged $acked ($(jv .total.points_stored) STORED + $(jv .total.points_duplicate) in DUPLICATE acks), unacknowledged $unacked"
         echo "lost           $lost;  cpu rows $cpu_rows, distinct (agent_id, cpu, time) $cpu_distinct"
         echo "check          $check"
