@@ -544,7 +544,10 @@ fn sharded_configs(base: &CollectorConfig, n: u16) -> Result<Vec<CollectorConfig
         let mut c = base.clone();
         c.shard_id.clone_from(&shard.id);
         c.data_dir = data_dir.join(format!("shard-{}", shard.id));
-        c.shared_dir = Some(shared.clone());
+        // With a bucket (`[shared_store]`) the shards mirror their data directories there instead.
+        if base.shared_store.is_none() {
+            c.shared_dir = Some(shared.clone());
+        }
         c.grpc_addr = port(base.grpc_addr, i)?;
         c.http_addr = port(base.http_addr, i)?;
         c.shards = list.clone();
