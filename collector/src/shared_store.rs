@@ -434,15 +434,34 @@ impl SharedStore {
     /// Uploads those of `paths` (files under this shard's root) that are not in the bucket yet.
     pub async fn ensure_uploaded(&self, paths: &[PathBuf]) -> Result<()> {
         self.ensure_listed().await?;
-        let wanted = {
-            let state = self.state();
-            paths
-                .iter()
-                .map(|p| Ok((self.relative(p)?, p.clone())))
-                .collect::<Result<Vec<_>>>()?
+        let named = paths
+            .iter()
+            .map(|p| Ok((self.relative(p)?, p.clone())))
+            .collect::<Result<Vec<_>>>()?;
+        // An object of another size under the same name is stale (a shard restarted on an empty data directory
+        // names its files anew): upload over it.
+        let sized = tokio::task::spawn_blocking(move || {
+            named
                 .into_iter()
-                .filter(|(rel, _)| !state.remote.contains_key(rel))
+                .map(|(rel, path)| {
+                    let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+                    (rel, path, size)
+                })
                 .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| store_error("reading file sizes", e))?;
+        let wanted: Vec<(String, PathBuf)> = {
+            let state = self.state();
+            sized
+                .into_iter()
+                .filter(|(rel, _, size)| match size {
+                    // Gone locally: fine if uploaded before (a query may still read it); else the upload says why.
+                    None => !state.remote.contains_key(rel),
+                    Some(size) => state.remote.get(rel) != Some(size),
+                })
+                .map(|(rel, path, _)| (rel, path))
+                .collect()
         };
         futures::stream::iter(wanted)
             .map(|(rel, path)| async move { self.upload(&rel, &path).await })
@@ -477,6 +496,8 @@ impl SharedStore {
         let mut state = self.state();
         state.remote.insert(relative.to_string(), size);
         state.gone_since.remove(relative);
+        // Now this incarnation's file: mirrored (and deleted) like any other.
+        state.protected.remove(relative);
         Ok(())
     }
 
