@@ -785,6 +785,14 @@ fn a_real_agent_follows_redirects_fails_over_and_returns() {
         || agent_seen(&second_http, &agent, 1) && rows_since(&second_http, &agent, killed) > 0,
     );
 
+    // The fleet list of any shard shows the agent once, at the shard that hears from it now.
+    let (code, body) = http_get(&format!("{second_http}/api/v1/agents")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let entries: Vec<&serde_json::Value> = list.iter().filter(|a| a["agent_id"] == agent).collect();
+    assert_eq!(entries.len(), 1, "{body}");
+    assert_eq!(entries[0]["shard"], ranking[1], "{body}");
+
     d.procs[owner] = Some(d.start(owner));
     let back = now_nanos();
     // Heartbeats and batches go to the shard the agent pushes to: the restarted owner hears from it again.

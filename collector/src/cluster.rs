@@ -612,6 +612,44 @@ impl Cluster {
         }))
     }
 
+    /// `GET <peer http_url><path>` on every live peer at once: the bodies of those that answered 200, and the
+    /// others as missing shards.
+    pub async fn get_from_peers(&self, path: &str) -> (Vec<(String, Bytes)>, Vec<MissingShard>) {
+        let answers =
+            futures::future::join_all(self.peers().into_iter().map(|(peer, live)| async move {
+                if !live {
+                    return (peer.id, Err("does not answer".to_string()));
+                }
+                let url = format!("{}{path}", peer.http_url);
+                let answer = async {
+                    let response = self
+                        .inner
+                        .client
+                        .get(&url)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await
+                        .map_err(|e| error_chain(&e))?;
+                    if !response.status().is_success() {
+                        return Err(format!("answered {}", response.status()));
+                    }
+                    response.bytes().await.map_err(|e| error_chain(&e))
+                }
+                .await;
+                (peer.id, answer)
+            }))
+            .await;
+        let mut ok = Vec::new();
+        let mut missing = Vec::new();
+        for (shard, answer) in answers {
+            match answer {
+                Ok(body) => ok.push((shard, body)),
+                Err(reason) => missing.push(MissingShard { shard, reason }),
+            }
+        }
+        (ok, missing)
+    }
+
     /// Which of `batches` ((agent id, seq) pairs, e.g. the ones in this shard's WAL at start-up) the live peers
     /// have stored. Peers that do not answer are skipped (a warning says that a duplicate is then possible).
     pub async fn stored_elsewhere(&self, batches: &[(String, u64)]) -> HashSet<(String, u64)> {
@@ -701,7 +739,6 @@ impl Cluster {
 fn mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
-
 
 /// The shard ids an agent says it cannot reach, from its request metadata.
 pub fn unreachable_from(metadata: &tonic::metadata::MetadataMap) -> Vec<String> {

@@ -3,7 +3,9 @@
 //! * `GET /health` — `200` with the store's counters as JSON.
 //! * `GET /api/v1/agents` — the agent registry: a JSON array of agents sorted by `agent_id` (see
 //!   [`crate::agents::AgentInfo`]), each with its `status` and `last_seen_secs_ago`; `?status=healthy|stale|down|
-//!   unregistered` keeps only those (another value is a `400`).
+//!   unregistered` keeps only those (another value is a `400`). With shards it covers every shard's registry (each
+//!   agent as the shard that heard from it last, named in `shard`; a shard that does not answer is named in the
+//!   partial-result headers); `?scope=local` is this shard's registry alone.
 //! * `GET /api/v1/pull/targets` — the pull scheduler's targets: a JSON array sorted by `url` (see
 //!   [`crate::pull::TargetHealth`]: `status` `unknown|up|down`, `last_success_unix_ms`, `last_error`,
 //!   `consecutive_failures`, batches and points pulled, `ack_through_seq`); `[]` when nothing is pulled.
@@ -214,6 +216,8 @@ async fn pull_targets(State(api): State<Arc<ApiState>>) -> Response {
 #[derive(Debug, Deserialize)]
 struct AgentsParams {
     status: Option<String>,
+    /// `all` (default): every shard's agents; `local`: this shard's registry only.
+    scope: Option<String>,
 }
 
 async fn agents(
@@ -228,7 +232,61 @@ async fn agents(
         .map(AgentStatus::parse)
         .transpose()
         .map_err(ApiError::bad_request)?;
-    Ok(axum::Json(api.registry.list(status)).into_response())
+    let scope = params.scope.as_deref().unwrap_or("all");
+    if !matches!(scope, "all" | "local") {
+        return Err(ApiError::bad_request(format!(
+            "unknown scope {scope:?}; use all or local"
+        )));
+    }
+    if scope == "local" || !api.cluster.is_sharded() {
+        return Ok(axum::Json(api.registry.list(status)).into_response());
+    }
+    // Every shard's registry: an agent that moved is known to several; the one that heard from it last wins, and
+    // only then is the status filter applied (an old shard still lists a moved agent as down).
+    let local = api.registry.list(None);
+    let (answers, mut missing) = api
+        .cluster
+        .get_from_peers("/api/v1/agents?scope=local")
+        .await;
+    let mut merged: std::collections::BTreeMap<String, serde_json::Value> =
+        std::collections::BTreeMap::new();
+    let mut add = |shard: &str, mut agent: serde_json::Value| {
+        let Some(id) = agent["agent_id"].as_str().map(str::to_string) else {
+            return;
+        };
+        agent["shard"] = shard.into();
+        let age = |a: &serde_json::Value| a["last_seen_secs_ago"].as_u64().unwrap_or(u64::MAX);
+        match merged.get(&id) {
+            Some(known) if age(known) <= age(&agent) => {}
+            _ => {
+                merged.insert(id, agent);
+            }
+        }
+    };
+    let local = serde_json::to_value(&local)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    for agent in local {
+        add(api.cluster.self_id(), agent);
+    }
+    for (shard, body) in answers {
+        match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            Ok(list) => list.into_iter().for_each(|a| add(&shard, a)),
+            Err(e) => missing.push(crate::cluster::MissingShard {
+                shard,
+                reason: format!("sent an unreadable agent list: {e}"),
+            }),
+        }
+    }
+    let wanted = status.map(|s| serde_json::to_value(s).unwrap_or_default());
+    let list: Vec<serde_json::Value> = merged
+        .into_values()
+        .filter(|a| wanted.as_ref().is_none_or(|w| a["status"] == *w))
+        .collect();
+    let mut response = axum::Json(list).into_response();
+    mark_partial(&mut response, &missing);
+    Ok(response)
 }
 
 /// Output formats of `/api/v1/sql`.
@@ -316,34 +374,36 @@ async fn sql(
         Body::from(bytes),
     )
         .into_response();
-    if !result.missing_shards.is_empty() {
-        // Headers, so that every format (JSON array, CSV, Arrow) keeps its shape.
-        let ids: Vec<&str> = result
-            .missing_shards
-            .iter()
-            .map(|m| m.shard.as_str())
+    mark_partial(&mut response, &result.missing_shards);
+    Ok(response)
+}
+
+/// Marks an answer that may lack some shards' data with [`PARTIAL_HEADER`] and [`PARTIAL_REASON_HEADER`]: headers,
+/// so that every format (JSON array, CSV, Arrow) keeps its shape.
+fn mark_partial(response: &mut Response, missing: &[crate::cluster::MissingShard]) {
+    if missing.is_empty() {
+        return;
+    }
+    let ids: Vec<&str> = missing.iter().map(|m| m.shard.as_str()).collect();
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (PARTIAL_HEADER, ids.join(",")),
+        (PARTIAL_REASON_HEADER, missing_text(missing)),
+    ] {
+        let ascii: String = value
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
             .collect();
-        let headers = response.headers_mut();
-        for (name, value) in [
-            (PARTIAL_HEADER, ids.join(",")),
-            (PARTIAL_REASON_HEADER, missing_text(&result.missing_shards)),
-        ] {
-            let ascii: String = value
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_graphic() || c == ' ' {
-                        c
-                    } else {
-                        '?'
-                    }
-                })
-                .collect();
-            if let Ok(v) = header::HeaderValue::from_str(&ascii) {
-                headers.insert(name, v);
-            }
+        if let Ok(v) = header::HeaderValue::from_str(&ascii) {
+            headers.insert(name, v);
         }
     }
-    Ok(response)
 }
 
 /// Response header of a partial SQL result (sharded collectors): the ids of the shards it may lack, comma-separated.
