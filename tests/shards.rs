@@ -612,16 +612,14 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
     // table) sees every acknowledged point once, with the shard as a partition column.
     let shared = d.dir.path().join("shared");
     let python = common::python_with_pyarrow();
-    let script = format!(
-        r#"
+    let script = r#"
 import json, sys, pyarrow.dataset as ds
 t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table()
 keys = set(zip(t.column("agent").to_pylist(), t.column("seq").to_pylist(), t.column("i").to_pylist()))
-print(json.dumps({{"rows": t.num_rows, "distinct": len(keys), "shards": sorted(set(t.column("shard").to_pylist()))}}))
-"#
-    );
+print(json.dumps({"rows": t.num_rows, "distinct": len(keys), "shards": sorted(set(t.column("shard").to_pylist()))}))
+"#;
     let output = std::process::Command::new(&python)
-        .args(["-c", &script])
+        .args(["-c", script])
         .arg(shared.to_str().unwrap())
         .output()
         .unwrap();
