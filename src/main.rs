@@ -380,78 +380,20 @@ async fn up(args: &CollectorArgs, interval: u64) -> ExitCode {
         Err(code) => return code,
     };
     let data_dir = collector.store().config().data_dir.clone();
-    let agent_config = AgentConfig {
-        collector: Some(format!("http://{}", collector.grpc_addr())),
-        interval,
-        state_dir: Some(data_dir.join("agent")),
-        ..AgentConfig::default()
-    };
-    if let Err(e) = agent_config.validate() {
-        eprintln!("damselfly: {e}");
-        return ExitCode::from(2);
-    }
-    print_endpoints(&collector, &data_dir);
-    println!("  agent: this machine, every {interval} s");
-
-    // Stop order: the agent first (it delivers what it holds), then the collector (which flushes).
-    let (stop_agent_tx, stop_agent_rx) = watch::channel(false);
-    let (stop_collector_tx, stop_collector_rx) = watch::channel(false);
-    let collector_task = tokio::spawn(collector.run(wait_for(stop_collector_rx)));
-    let mut agent_task = tokio::spawn(damselfly_agent::run(agent_config, wait_for(stop_agent_rx)));
-
-    let mut agent_failed = false;
-    tokio::select! {
-        () = shutdown_signal() => {}
-        r = &mut agent_task => {
-            agent_failed = true;
-            report_agent(r);
-        }
-    }
-    let _ = stop_agent_tx.send(true);
-    if !agent_failed {
-        report_agent(agent_task.await);
-    }
-    let _ = stop_collector_tx.send(true);
-    let result = collector_task
-        .await
-        .unwrap_or_else(|e| Err(damselfly_collector::CollectorError::Server(e.to_string())));
-    if agent_failed {
-        let _ = finish(result);
-        return ExitCode::FAILURE;
-    }
-    finish(result)
+    run_with_local_agent(vec![collector], &data_dir, interval).await
 }
 
-/// `damselfly up --shards N`: N collector shards in this process, one shared store, and the local agent.
-async fn up_sharded(args: &CollectorArgs, interval: u64, shards: u16) -> ExitCode {
-    let base = match args.config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("damselfly: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let configs = match sharded_configs(&base, shards) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("damselfly: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let mut collectors = Vec::with_capacity(configs.len());
-    for config in configs {
-        match Collector::bind(config).await {
-            Ok(c) => collectors.push(c),
-            Err(e) => {
-                eprintln!("damselfly: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
+/// Serves `collectors` (one, or the shards of `up --shards`) with an agent for this machine pushing to the first,
+/// until Ctrl-C or SIGTERM. Stop order: the agent first (it delivers what it holds), then the collectors (which
+/// flush).
+async fn run_with_local_agent(
+    collectors: Vec<Collector>,
+    data_dir: &std::path::Path,
+    interval: u64,
+) -> ExitCode {
     let Some(first) = collectors.first() else {
         return ExitCode::FAILURE;
     };
-    let data_dir = base.data_dir.clone();
     let agent_config = AgentConfig {
         collector: Some(format!("http://{}", first.grpc_addr())),
         interval,
@@ -462,14 +404,16 @@ async fn up_sharded(args: &CollectorArgs, interval: u64, shards: u16) -> ExitCod
         eprintln!("damselfly: {e}");
         return ExitCode::from(2);
     }
-    print_endpoints(first, &data_dir);
-    for c in &collectors {
-        println!(
-            "  shard {}: grpc http://{} http http://{}",
-            c.store().config().shard_id,
-            c.grpc_addr(),
-            c.http_addr()
-        );
+    print_endpoints(first, data_dir);
+    if collectors.len() > 1 {
+        for c in &collectors {
+            println!(
+                "  shard {}: grpc http://{} http http://{}",
+                c.store().config().shard_id,
+                c.grpc_addr(),
+                c.http_addr()
+            );
+        }
     }
     println!("  agent: this machine, every {interval} s");
 
@@ -507,6 +451,35 @@ async fn up_sharded(args: &CollectorArgs, interval: u64, shards: u16) -> ExitCod
         }
     }
     code
+}
+
+/// `damselfly up --shards N`: N collector shards in this process, one shared store, and the local agent.
+async fn up_sharded(args: &CollectorArgs, interval: u64, shards: u16) -> ExitCode {
+    let base = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let configs = match sharded_configs(&base, shards) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("damselfly: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut collectors = Vec::with_capacity(configs.len());
+    for config in configs {
+        match Collector::bind(config).await {
+            Ok(c) => collectors.push(c),
+            Err(e) => {
+                eprintln!("damselfly: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    run_with_local_agent(collectors, &base.data_dir, interval).await
 }
 
 /// The configs of `n` shards on one machine: ids `s0..`, data directories `<data_dir>/shard-<id>`, one shared
