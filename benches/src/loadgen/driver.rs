@@ -1021,4 +1021,203 @@ mod tests {
             total.batches_stored
         );
     }
+
+    /// A fake shard for the sharded test: stores into the state all shards share; `redirect_to` answers REDIRECT
+    /// there for the first batches of every agent (seq <= 3), as a shard that does not own them would.
+    #[derive(Clone)]
+    struct FakeShard {
+        id: &'static str,
+        stored: Arc<Mutex<SharedStore>>,
+        redirect_to: Option<damselfly_proto::v1::ShardInfo>,
+    }
+
+    #[derive(Default)]
+    struct SharedStore {
+        /// (agent, seq) -> shard ids that stored it (must be exactly one).
+        stored: HashMap<(String, u64), Vec<&'static str>>,
+        /// The unreachable-shards metadata of every stream, by shard.
+        unreachable: Vec<(&'static str, String)>,
+    }
+
+    #[tonic::async_trait]
+    impl Ingest for FakeShard {
+        type PushStream = AckStream;
+
+        async fn push(
+            &self,
+            request: Request<Streaming<WriteBatch>>,
+        ) -> Result<Response<AckStream>, Status> {
+            let unreachable = request
+                .metadata()
+                .get(UNREACHABLE_SHARDS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            self.stored
+                .lock()
+                .expect("store lock")
+                .unreachable
+                .push((self.id, unreachable));
+            let mut input = request.into_inner();
+            let this = self.clone();
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(async move {
+                while let Some(Ok(batch)) = input.next().await {
+                    let ack = match &this.redirect_to {
+                        Some(to) if batch.seq <= 3 => Ack {
+                            seq: batch.seq,
+                            status: AckStatus::Redirect as i32,
+                            redirect: Some(to.clone()),
+                            ..Ack::default()
+                        },
+                        _ => {
+                            let mut st = this.stored.lock().expect("store lock");
+                            let by = st
+                                .stored
+                                .entry((batch.agent_id.clone(), batch.seq))
+                                .or_default();
+                            let new = by.is_empty();
+                            by.push(this.id);
+                            Ack {
+                                seq: batch.seq,
+                                status: if new {
+                                    AckStatus::Stored
+                                } else {
+                                    AckStatus::Duplicate
+                                } as i32,
+                                points_stored: if new { batch.points.len() as u64 } else { 0 },
+                                ..Ack::default()
+                            }
+                        }
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+
+        async fn write(&self, _request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
+            Err(Status::unimplemented("not used"))
+        }
+    }
+
+    async fn serve_fake(shard: FakeShard) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let handle = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(IngestServer::new(shard))
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await;
+        });
+        (url, handle)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sharded_agents_fail_over_and_follow_redirects() {
+        let store = Arc::new(Mutex::new(SharedStore::default()));
+        let (b_url, b) = serve_fake(FakeShard {
+            id: "b",
+            stored: store.clone(),
+            redirect_to: None,
+        })
+        .await;
+        let b_info = damselfly_proto::v1::ShardInfo {
+            id: "b".to_owned(),
+            grpc_url: b_url.clone(),
+            ..Default::default()
+        };
+        let (a_url, a) = serve_fake(FakeShard {
+            id: "a",
+            stored: store.clone(),
+            redirect_to: Some(b_info),
+        })
+        .await;
+        // Shard "c" is down: a port nothing listens on.
+        let c_url = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            format!("http://{}", l.local_addr().expect("local addr"))
+        };
+        let shard = |id: &str, url: &str| Shard {
+            id: id.to_owned(),
+            grpc_url: url.to_owned(),
+            clients: vec![IngestClient::new(
+                tonic::transport::Endpoint::from_shared(url.to_owned())
+                    .expect("url")
+                    .connect_lazy(),
+            )],
+        };
+        let cluster = Arc::new(Cluster {
+            shards: vec![shard("a", &a_url), shard("b", &b_url), shard("c", &c_url)],
+            sharded: true,
+        });
+        let now = Instant::now();
+        let plan = Arc::new(Plan {
+            measure_start: now,
+            stop: now + Duration::from_millis(600),
+            drain_deadline: now + Duration::from_secs(10),
+            interval: Some(Duration::from_millis(50)),
+            in_flight: 4,
+            backoff_initial: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(5),
+            epoch: (now, 0),
+        });
+        let live = Arc::new(Live::new(3));
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let points = PointGen::new("shards", i, 0);
+            tasks.push(tokio::spawn(run_agent(
+                i,
+                points,
+                cluster.clone(),
+                plan.clone(),
+                live.clone(),
+            )));
+        }
+        let mut total = Counts::default();
+        let mut homes = [0usize; 3];
+        for t in tasks {
+            let r = t.await.expect("agent task");
+            assert_eq!(r.unacked_batches, 0);
+            total.add(&r.total);
+            homes[r.home] += 1;
+            if r.home == 2 {
+                // Homed on the dead shard: failed there, then stored elsewhere.
+                assert!(
+                    r.home_failed_ms.is_some() && r.rehomed_ms.is_some(),
+                    "{r:?}"
+                );
+            }
+        }
+        a.abort();
+        b.abort();
+        assert!(homes.iter().all(|&n| n > 0), "{homes:?}");
+
+        let st = store.lock().expect("store lock");
+        // Every batch stored exactly once, on a live shard; a stored nothing below seq 4.
+        assert!(
+            st.stored.values().all(|by| by.len() == 1),
+            "stored twice somewhere"
+        );
+        assert_eq!(st.stored.len() as u64, total.batches_stored);
+        assert_eq!(total.batches_duplicate, 0);
+        assert!(
+            st.stored
+                .iter()
+                .all(|((_, seq), by)| *seq > 3 || by[0] == "b")
+        );
+        // Agents homed on a were redirected to b; those homed on c told their fallback that c is down.
+        assert!(total.redirects >= homes[0] as u64, "{total:?}");
+        assert!(total.stream_errors >= homes[2] as u64, "{total:?}");
+        assert!(
+            st.unreachable.iter().any(|(_, u)| u == "c"),
+            "{:?}",
+            st.unreachable
+        );
+        assert!(st.unreachable.iter().all(|(_, u)| u.is_empty() || u == "c"));
+    }
 }
