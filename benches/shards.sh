@@ -92,7 +92,7 @@ start_shard() {
     die "shard $s does not answer ${HTTP[$s]}/health (see $dir/$s.log)"
 }
 
-# Every 2 s: "unix_ms shard rss_kb" for each running shard, and the loadgen's RSS as shard "loadgen".
+# Every 2 s: "unix_ms shard rss_kb cpu_s" for each running shard, and for the loadgen as shard "loadgen".
 sample_rss() {
     local out=$1
     while true; do
@@ -100,11 +100,11 @@ sample_rss() {
         t=$(now_ms)
         for s in "${SHARDS[@]}"; do
             local p="${PID[$s]:-}"
-            [ -n "$p" ] && [ -r "/proc/$p/status" ] && echo "$t $s $(rss_kb "$p")" >>"$out"
+            [ -n "$p" ] && [ -r "/proc/$p/status" ] && echo "$t $s $(rss_kb "$p") $(cpu_s "$p")" >>"$out"
         done
         local lg
         lg="$(pgrep -n -f "^$LOADGEN " 2>/dev/null || true)"
-        [ -n "$lg" ] && echo "$t loadgen $(rss_kb "$lg")" >>"$out"
+        [ -n "$lg" ] && echo "$t loadgen $(rss_kb "$lg") $(cpu_s "$lg")" >>"$out"
         sleep 2
     done
 }
@@ -222,9 +222,16 @@ run_scenario() {
     local rss_lines=""
     for s2 in "${SHARDS[@]}" loadgen; do
         rss_lines+="$(awk -v s="$s2" -v a="$measure_start" -v b="$measure_end" '
-            $2 == s && $1 >= a && $1 <= b && $3 > 0 { n++; sum += $3; if ($3 > max) max = $3 }
-            END { if (n) printf "%s mean %.0f MiB peak %.0f MiB (%d samples)", s, sum / n / 1024, max / 1024, n
-                  else printf "%s -", s }' "$dir/rss.txt")"$'\n'
+            $2 == s && $1 >= a && $1 <= b && $3 > 0 {
+                n++; sum += $3; if ($3 > max) max = $3
+                if (n == 1) { t0 = $1; c0 = $4 }
+                t1 = $1; c1 = $4
+            }
+            END {
+                if (!n) { printf "%s -", s; exit }
+                cpu = (t1 > t0) ? sprintf("%.0f %%", (c1 - c0) / ((t1 - t0) / 1000) * 100) : "-"
+                printf "%-8s RSS mean %4.0f MiB  peak %4.0f MiB   CPU %s of one core (%d samples)", s, sum / n / 1024, max / 1024, cpu, n
+            }' "$dir/rss.txt")"$'\n'
     done
     local cpu_line="" i=0
     for s2 in "${SHARDS[@]}"; do
@@ -256,7 +263,7 @@ run_scenario() {
         elif [ -n "$restart_s" ]; then
             echo "restart        $KILL_SHARD restarted after the load, healthy in ${restart_s} s"
         fi
-        echo "collector RSS  (measured window, sampled every 2 s)"
+        echo "processes      (measured window, sampled every 2 s; a killed shard until the kill)"
         printf '%s' "$rss_lines" | sed 's/^/  /'
         echo "collector CPU  $cpu_line(CPU seconds during the load; a killed shard until the kill)"
         echo "stored rows    $all (all tables, through ${seed}, after flush), acknowledged $acked ($(jv .total.points_stored) STORED + $(jv .total.points_duplicate) in DUPLICATE acks), unacknowledged $unacked"
