@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CollectorProc, free_port, http_get, http_request, now_nanos, wait_until};
+use common::{
+    CollectorProc, free_port, http_get, http_request, now_nanos, sql_with_headers, wait_until,
+};
 use damselfly_proto::v1::field::Value;
 use damselfly_proto::v1::ingest_client::IngestClient;
 use damselfly_proto::v1::{AckStatus, Field, Point, Tag, WriteBatch};
@@ -397,39 +399,6 @@ async fn run_agent(
             }
         }
     }
-}
-
-fn sql_with_headers(http: &str, sql: &str) -> (u16, String, String) {
-    // The harness's client drops headers; read them from a raw request.
-    use std::io::{Read, Write};
-    let addr = http.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /api/v1/sql HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{sql}",
-        sql.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let code: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let partial = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-damselfly-partial")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    // The body may be chunked: keep what lies between the first '[' and the last ']'.
-    let body = match (body.find('['), body.rfind(']')) {
-        (Some(a), Some(b)) if a <= b => body[a..=b].to_string(),
-        _ => body.to_string(),
-    };
-    (code, partial, body)
 }
 
 fn counts_via(http: &str) -> (u64, u64, String) {

@@ -157,39 +157,11 @@ fn flush(shard: &CollectorProc) {
 
 /// `SELECT count(*)` through a shard: (status, rows, the `x-damselfly-partial` header).
 fn count_via(shard: &CollectorProc) -> (u16, u64, String) {
-    use std::io::{Read, Write};
     let sql = "SELECT count(*) AS n FROM cpu";
-    let addr = shard.http.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "POST /api/v1/sql HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{sql}",
-        sql.len()
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let code: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let partial = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-damselfly-partial")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    let n = match (body.find('['), body.rfind(']')) {
-        (Some(a), Some(b)) if code == 200 && a <= b => {
-            let rows: Vec<serde_json::Value> = serde_json::from_str(&body[a..=b]).unwrap();
-            rows[0]["n"].as_u64().unwrap()
-        }
-        _ => panic!("{sql}: {code}: {body}"),
-    };
-    (code, n, partial)
+    let (code, partial, body) = common::sql_with_headers(&shard.http, sql);
+    assert_eq!(code, 200, "{sql}: {body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    (code, rows[0]["n"].as_u64().unwrap(), partial)
 }
 
 #[test]
