@@ -90,6 +90,9 @@ impl Deployment {
         let data = self.dir.path().join(&s.id);
         let shared = self.dir.path().join("shared");
         let file = self.shards_file();
+        // Two files of an hour are enough for a compaction (`POST /api/v1/admin/maintenance`).
+        let config = self.dir.path().join("collector.toml");
+        std::fs::write(&config, "compaction_min_files = 2\n").unwrap();
         CollectorProc::start_at(
             &data,
             &format!("127.0.0.1:{}", s.grpc),
@@ -103,6 +106,8 @@ impl Deployment {
                 shared.to_str().unwrap(),
                 "--flush-interval",
                 "3600",
+                "--config",
+                config.to_str().unwrap(),
             ],
         )
     }
@@ -491,7 +496,25 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
     )
     .unwrap();
     assert_eq!(code, 200);
-    std::thread::sleep(Duration::from_millis(500));
+    // A second file and a compaction: the victim dies with the compaction's inputs still beside its output (they
+    // stay query_timeout_secs + 1 s), which a reader of its directory must count once.
+    std::thread::sleep(Duration::from_millis(300));
+    for path in ["/api/v1/admin/flush", "/api/v1/admin/maintenance"] {
+        let (code, body) = http_request(
+            "POST",
+            &format!("{}{path}", d.shards[1].http_url()),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let compacted = parquet_under(&d.dir.path().join("shared/shard=s1/data").join(TABLE))
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("-c"))
+        .count();
+    assert_eq!(compacted, 1, "the victim compacted its two files");
+    std::thread::sleep(Duration::from_millis(200));
     let killed_at = Instant::now();
     d.procs[1].take().unwrap().proc.kill();
 
@@ -509,7 +532,11 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
         },
     );
     // A query through a live shard names the missing one.
-    let (_, _, partial) = counts_via(&d.shards[0].http_url());
+    let (n, distinct, partial) = counts_via(&d.shards[0].http_url());
+    assert_eq!(
+        n, distinct,
+        "with {victim} down, its files are read once each"
+    );
     assert_eq!(
         partial, victim,
         "the result must say that {victim} is missing"
@@ -577,19 +604,23 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
             assert_eq!(code, 200);
         }
     }
-    // An independent reader (pyarrow's dataset API, hive partitioning) over the shared store (this test's only
-    // table) sees every acknowledged point once, with the shard as a partition column.
+    // An independent reader (pyarrow's dataset API, hive partitioning) over the table's files in the shared store
+    // (`shard=*/data/<table>/`, as docs/SHARDING.md tells other engines) sees every acknowledged point once, with
+    // the shard as a partition column. (The compaction's inputs are gone: the restarted victim removed them.)
     let shared = d.dir.path().join("shared");
     let python = common::python_with_pyarrow();
     let script = r#"
 import json, sys, pyarrow.dataset as ds
-t = ds.dataset(sys.argv[1], format="parquet", partitioning="hive").to_table()
+import glob
+files = sorted(glob.glob(sys.argv[1] + "/shard=*/data/" + sys.argv[2] + "/**/*.parquet", recursive=True))
+t = ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=sys.argv[1]).to_table()
 keys = set(zip(t.column("agent").to_pylist(), t.column("seq").to_pylist(), t.column("i").to_pylist()))
 print(json.dumps({"rows": t.num_rows, "distinct": len(keys), "shards": sorted(set(t.column("shard").to_pylist()))}))
 "#;
     let output = std::process::Command::new(&python)
         .args(["-c", script])
         .arg(shared.to_str().unwrap())
+        .arg(TABLE)
         .output()
         .unwrap();
     assert!(

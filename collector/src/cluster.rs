@@ -583,8 +583,7 @@ impl Cluster {
         if !dir.is_dir() {
             return Ok(None);
         }
-        let mut catalog = Catalog::default();
-        let mut files = Vec::new();
+        let mut paths = Vec::new();
         let mut stack = vec![dir];
         while let Some(dir) = stack.pop() {
             let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -593,14 +592,27 @@ impl Cluster {
                 if path.is_dir() {
                     stack.push(path);
                 } else if path.extension().is_some_and(|e| e == "parquet") {
-                    let (file, file_schema) =
-                        crate::persist::read_file_meta(&path, table).map_err(|e| e.to_string())?;
-                    catalog
-                        .merge_table(table, &file_schema)
-                        .map_err(|e| e.to_string())?;
-                    files.push(Arc::new(file));
+                    paths.push(path);
                 }
             }
+        }
+        // A compaction's inputs stay for a grace period beside its output (the shard died before deleting them, or
+        // the grace period had not passed): count their rows once, from the output.
+        let mut replaced = HashSet::new();
+        for path in &paths {
+            let names = crate::compaction::replaced_files(path).map_err(|e| e.to_string())?;
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            replaced.extend(names.into_iter().map(|name| dir.join(name)));
+        }
+        let mut catalog = Catalog::default();
+        let mut files = Vec::new();
+        for path in paths.iter().filter(|p| !replaced.contains(*p)) {
+            let (file, file_schema) =
+                crate::persist::read_file_meta(path, table).map_err(|e| e.to_string())?;
+            catalog
+                .merge_table(table, &file_schema)
+                .map_err(|e| e.to_string())?;
+            files.push(Arc::new(file));
         }
         let Some(schema) = catalog.table(table).cloned() else {
             return Ok(None);
