@@ -530,3 +530,226 @@ fn weighted(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn run(c: &Catalog, json: &str) -> Vec<TbSpec> {
+        recommend(c, &parse(json.as_bytes()).unwrap()).unwrap()
+    }
+
+    const SEOUL: &str = "37.5665/126.9780";
+
+    /// Nearest distance (km) from a point to any region holding a spec that passes `keep`.
+    fn nearest(c: &Catalog, lat: f64, lon: f64, keep: impl Fn(&Spec) -> bool) -> f64 {
+        c.specs
+            .iter()
+            .filter(|s| keep(s))
+            .filter_map(|s| {
+                let r = c.region_of(s);
+                Some(haversine_km(lat, lon, r.latitude?, r.longitude?))
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Tumblebug's order for location and latency: rank by distance, cost within a rank.
+    fn assert_distance_order(r: &[TbSpec]) {
+        for w in r.windows(2) {
+            assert!(w[0].evaluation_score10 <= w[1].evaluation_score10, "{w:?}");
+            if w[0].order_in_filtered_result == w[1].order_in_filtered_result {
+                assert_eq!(w[0].evaluation_score10, w[1].evaluation_score10);
+                assert!(w[0].cost_per_hour <= w[1].cost_per_hour, "{w:?}");
+            } else {
+                assert_eq!(
+                    w[0].order_in_filtered_result + 1,
+                    w[1].order_in_filtered_result
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn case1_location_at_seoul_puts_the_seoul_region_first_cost_breaking_ties() {
+        let c = Catalog::embedded();
+        let r = run(
+            &c,
+            &format!(
+                r#"{{"filter":{{"policy":[]}},"priority":{{"policy":[{{"metric":"location","weight":"0.3",
+                "parameter":[{{"key":"coordinateClose","val":["{SEOUL}"]}}]}}]}},"limit":"10"}}"#
+            ),
+        );
+        assert_eq!(r.len(), 10);
+        assert_distance_order(&r);
+        // Azure's Korea Central sits on the point (HEAD's cloudinfo coordinates): rank 1, cheapest first.
+        assert_eq!(r[0].connection_name, "azure-koreacentral");
+        assert_eq!(r[0].csp_spec_name, "Standard_B1s");
+        assert_eq!(
+            r[0].evaluation_score10,
+            Some(nearest(&c, 37.5665, 126.978, |_| true))
+        );
+        let seoul_specs = c
+            .specs
+            .iter()
+            .filter(|s| s.csp == "azure" && s.region == "koreacentral")
+            .count();
+        assert!(
+            r.iter()
+                .take(seoul_specs)
+                .all(|s| s.order_in_filtered_result == 1)
+        );
+        // Then Tencent's ap-seoul, 5 m away.
+        assert_eq!(r[seoul_specs].connection_name, "tencent-ap-seoul");
+    }
+
+    #[test]
+    fn case2_location_at_seoul_among_aws_picks_ap_northeast_2_cheapest_first() {
+        let c = Catalog::embedded();
+        let r = run(
+            &c,
+            &format!(
+                r#"{{"filter":{{"policy":[{{"metric":"provider","condition":[{{"operand":"aws"}}]}}]}},
+                "priority":{{"policy":[{{"metric":"location","weight":1,"parameter":[{{"key":"coordinateClose","val":["{SEOUL}"]}}]}}]}},
+                "limit":5}}"#
+            ),
+        );
+        assert_distance_order(&r);
+        let names: Vec<&str> = r.iter().map(|s| s.csp_spec_name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["t3a.nano", "t3.nano", "t2.nano", "t3a.micro", "t3.micro"]
+        );
+        assert!(r.iter().all(|s| s.connection_name == "aws-ap-northeast-2"));
+        let d = nearest(&c, 37.5665, 126.978, |s| s.csp == "aws");
+        assert_eq!(r[0].evaluation_score10, Some(d));
+    }
+
+    #[test]
+    fn case3_cost_and_default_rank_cheapest_first() {
+        let c = Catalog::embedded();
+        for body in [r#"{"priority":{"policy":[{"metric":"cost"}]}}"#, r#"{}"#] {
+            let r = run(&c, body);
+            assert_eq!(r.len(), c.specs.len());
+            let min = c
+                .specs
+                .iter()
+                .filter_map(|s| s.price_per_hour)
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(r[0].cost_per_hour, Some(min));
+            assert!(r.windows(2).all(|w| w[0].cost_per_hour.unwrap_or(f64::MAX)
+                <= w[1].cost_per_hour.unwrap_or(f64::MAX)));
+            assert!((r[0].evaluation_score09 - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn case4_performance_ranks_evaluation_score01_highest_first() {
+        let c = Catalog::embedded();
+        let r = run(
+            &c,
+            r#"{"filter":{"policy":[{"metric":"cost","condition":[{"operator":"<=","operand":"1"}]}]},"priority":{"policy":[{"metric":"performance"}]}}"#,
+        );
+        assert!(r.iter().all(|s| s.cost_per_hour.unwrap() <= 1.0));
+        let max = c
+            .specs
+            .iter()
+            .filter(|s| s.price_per_hour.is_some_and(|p| p <= 1.0))
+            .filter_map(|s| s.score)
+            .fold(0.0, f64::max);
+        assert_eq!(r[0].evaluation_score01, Some(max));
+        assert!(
+            r.windows(2).all(|w| w[0].evaluation_score01.unwrap_or(-1.0)
+                >= w[1].evaluation_score01.unwrap_or(-1.0))
+        );
+    }
+
+    #[test]
+    fn case5_latency_from_seoul_puts_ap_northeast_2_first() {
+        let c = Catalog::embedded();
+        let r = run(
+            &c,
+            r#"{"priority":{"policy":[{"metric":"latency","weight":"1.0","parameter":[{"key":"latencyMinimal","val":["aws-ap-northeast-2"]}]}]},"limit":"20"}"#,
+        );
+        assert_distance_order(&r);
+        assert_eq!(r[0].connection_name, "aws-ap-northeast-2");
+        assert_eq!(r[0].csp_spec_name, "t3a.nano");
+        assert_eq!(
+            r[0].evaluation_score10,
+            c.latency.get("aws-ap-northeast-2", "aws-ap-northeast-2")
+        );
+    }
+
+    #[test]
+    fn case6_coordinate_fair_uses_the_centroid() {
+        let c = Catalog::embedded();
+        // Seoul and Tokyo: the centroid is in the sea between them.
+        let r = run(
+            &c,
+            r#"{"priority":{"policy":[{"metric":"location","parameter":[{"key":"coordinateFair","val":["37.5665/126.9780","35.6762/139.6503"]}]}]},"limit":"3"}"#,
+        );
+        assert_distance_order(&r);
+        let (lat, lon) = ((37.5665 + 35.6762) / 2.0, (126.978 + 139.6503) / 2.0);
+        assert_eq!(
+            r[0].evaluation_score10,
+            Some(nearest(&c, lat, lon, |_| true))
+        );
+    }
+
+    #[test]
+    fn case7_limit_and_weight_as_string_or_number() {
+        let c = Catalog::embedded();
+        let body = |limit: &str| {
+            format!(
+                r#"{{"priority":{{"policy":[{{"metric":"cost","weight":0.5}}]}},"limit":{limit}}}"#
+            )
+        };
+        assert_eq!(run(&c, &body("3")).len(), 3);
+        assert_eq!(run(&c, &body("\"3\"")).len(), 3);
+        // Not an integer: no limit, as Tumblebug's strconv.Atoi failing.
+        assert_eq!(run(&c, &body("\"all\"")).len(), c.specs.len());
+        // Unknown fields are ignored, as Go's encoding/json does.
+        assert_eq!(run(&c, r#"{"limit":"2","extra":{"x":1}}"#).len(), 2);
+    }
+
+    #[test]
+    fn case8_several_priorities_combine_with_their_weights() {
+        let c = Catalog::embedded();
+        let body = |w_cost: &str, w_loc: &str| {
+            format!(
+                r#"{{"priority":{{"policy":[{{"metric":"cost","weight":"{w_cost}"}},
+                {{"metric":"location","weight":"{w_loc}","parameter":[{{"key":"coordinateClose","val":["50.1109/8.6821"]}}]}}]}},"limit":"1"}}"#
+            )
+        };
+        // Cost alone: the cheapest spec (in Seoul); location dominant: a Frankfurt-area region.
+        let cheap = run(&c, &body("1", "0"));
+        assert_eq!(cheap[0].csp_spec_name, "t3a.nano");
+        let near = run(&c, &body("0.01", "1"));
+        assert!(near[0].evaluation_score10.unwrap() < 50.0, "{near:?}");
+        assert_ne!(cheap[0].connection_name, near[0].connection_name);
+    }
+
+    #[test]
+    fn bad_tumblebug_requests() {
+        let c = Catalog::embedded();
+        let err = |json: &str| {
+            recommend(&c, &parse(json.as_bytes()).unwrap())
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(
+            r#"{"priority":{"policy":[{"metric":"location","parameter":[{"key":"coordinateClose","val":["37.5,126.9"]}]}]}}"#,
+        );
+        assert!(e.contains("is not \"latitude/longitude\""), "{e}");
+        let e = err(
+            r#"{"priority":{"policy":[{"metric":"latency","parameter":[{"key":"latencyMinimal","val":["aws-mars-1"]}]}]}}"#,
+        );
+        assert!(e.contains("unknown region \"aws-mars-1\""), "{e}");
+        let e = err(
+            r#"{"filter":{"policy":[{"metric":"cost","condition":[{"operator":">=","operand":"2"},{"operator":"<=","operand":"1"}]}]}}"#,
+        );
+        assert_eq!(e, "filter.policy[cost]: min 2 is greater than max 1");
+        let e = err(r#"{"priority":{"policy":[{"metric":"cost","weight":"heavy"}]}}"#);
+        assert!(e.contains("weight \"heavy\""), "{e}");
+    }
+}
