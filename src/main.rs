@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod install;
+mod place;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use damselfly_agent::AgentConfig;
@@ -63,6 +64,8 @@ enum Command {
     Sql(SqlArgs),
     /// List the agents a collector knows (registered or seen from their batches), with their status.
     Agents(AgentsArgs),
+    /// Rank where to place each group of an MCIS (Damselfly request or Tumblebug's mcisRecommendVm body).
+    Place(place::PlaceArgs),
     /// Manage agents on VMs.
     Agent {
         #[command(subcommand)]
@@ -321,6 +324,7 @@ fn main() -> ExitCode {
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
             Command::Agents(args) => agents(args).await,
+            Command::Place(args) => place::main(args),
             Command::Agent { .. } => ExitCode::FAILURE,
         }
     })
