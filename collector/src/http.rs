@@ -76,6 +76,8 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))
+        // Placement requests set their own limit too.
+        .merge(crate::placement_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(Arc::new(state))

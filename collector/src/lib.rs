@@ -25,6 +25,7 @@ pub mod ingest;
 pub mod maintenance;
 pub mod model;
 pub mod persist;
+pub mod placement_api;
 pub mod pull;
 pub mod query;
 pub mod retention;
