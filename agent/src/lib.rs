@@ -13,6 +13,7 @@
 //! The `damselfly-agent` binary wraps [`run`]; the `damselfly` CLI embeds the same [`run`] in-process.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod probes;
 pub mod push;
