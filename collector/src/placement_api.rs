@@ -53,16 +53,16 @@ fn ok(body: Result<String, serde_json::Error>) -> Response {
     }
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
     body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        Box::new(if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("request body over {MAX_PLACEMENT_BYTES} bytes"),
             )
         } else {
             error(StatusCode::BAD_REQUEST, &e.body_text())
-        }
+        })
     })
 }
 
@@ -76,7 +76,7 @@ async fn placement(
 ) -> Response {
     let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let req = match parse_request(&body) {
         Ok(r) => r,
@@ -94,7 +94,7 @@ async fn recommend_vm(
 ) -> Response {
     let body = match body_or_error(body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     // Tumblebug accepts an empty body (no filter, no priority: cost order).
     let plan = if body.iter().all(u8::is_ascii_whitespace) {
