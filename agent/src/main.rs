@@ -2,22 +2,33 @@
 //! config file, which overrides the defaults.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration.
+//!
+//! `damselfly-agent bench` runs the benchmarks of [`damselfly_agent::bench`] on this machine and prints one line per
+//! result (JSON lines with `--json`); no collector, no config file. Its exit codes: 0 every benchmark succeeded,
+//! 1 some failed (their lines say why), 2 invalid request, 3 refused because the machine is busy (`--force` runs
+//! anyway).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use damselfly_agent::AgentConfig;
+use damselfly_agent::bench::{self, BenchError, BenchKind, BenchRequest};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "damselfly-agent",
     version,
-    about = "Collects host metrics and delivers them to a Damselfly collector (push, or pull with --listen)"
+    about = "Collects host metrics and delivers them to a Damselfly collector (push, or pull with --listen)",
+    // `damselfly-agent bench ...` takes none of the service's flags.
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file (see agent.example.toml).
     #[arg(long, short = 'c', value_name = "FILE", env = "DAMSELFLY_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -89,6 +100,46 @@ struct Cli {
     once: bool,
 }
 
+/// Commands besides running as a service.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run benchmarks on this machine and print one line per result (JSON lines with --json).
+    Bench(BenchArgs),
+}
+
+/// `damselfly-agent bench`.
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Benchmarks to run, comma-separated: cpus, cpum, memR, memW, fioR, fioW, dbR, dbW, rtt, mrtt (default: all
+    /// but rtt and mrtt, which run when --rtt / --mrtt give targets).
+    #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+    only: Option<Vec<BenchKind>>,
+    /// Time limit of each benchmark in seconds (at most 300).
+    #[arg(long, value_name = "SECS", default_value_t = bench::DEFAULT_TIME_LIMIT.as_secs_f64())]
+    time_limit: f64,
+    /// Size of the fioR / fioW temporary file in bytes.
+    #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_FIO_FILE_BYTES)]
+    fio_bytes: u64,
+    /// Directory for the temporary files of fio* and db* (default: the system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// rtt target (repeatable).
+    #[arg(long = "rtt", value_name = "HOST:PORT")]
+    rtt: Vec<String>,
+    /// mrtt peer: another VM of the MCIS (repeatable).
+    #[arg(long = "mrtt", value_name = "HOST:PORT")]
+    mrtt: Vec<String>,
+    /// Refuse when the 1-minute load average per core is above this.
+    #[arg(long, value_name = "LOAD", default_value_t = bench::DEFAULT_MAX_LOAD)]
+    max_load: f64,
+    /// Run even when the machine is above --max-load.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 impl Cli {
     /// Defaults, then the file, then flags.
     fn config(&self) -> Result<AgentConfig, damselfly_agent::ConfigError> {
@@ -151,6 +202,9 @@ fn set_opt<T: Clone>(slot: &mut Option<T>, v: &Option<T>) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    if let Some(Command::Bench(args)) = &cli.command {
+        return run_bench(args);
+    }
 
     let config = match cli.config() {
         Ok(c) => c,
@@ -209,6 +263,107 @@ fn once(config: &AgentConfig) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `damselfly-agent bench`: runs the benchmarks and prints their results.
+fn run_bench(args: &BenchArgs) -> ExitCode {
+    let time_limit = match Duration::try_from_secs_f64(args.time_limit) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("damselfly-agent: --time-limit {}: {e}", args.time_limit);
+            return ExitCode::from(2);
+        }
+    };
+    let kinds = match &args.only {
+        Some(kinds) => kinds.clone(),
+        None => BenchKind::ALL
+            .into_iter()
+            .filter(|k| match k {
+                BenchKind::Rtt => !args.rtt.is_empty(),
+                BenchKind::Mrtt => !args.mrtt.is_empty(),
+                _ => true,
+            })
+            .collect(),
+    };
+    let request = BenchRequest {
+        kinds,
+        time_limit,
+        fio_file_bytes: args.fio_bytes,
+        work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
+        rtt_targets: args.rtt.clone(),
+        mrtt_peers: args.mrtt.clone(),
+        force: args.force,
+        max_load: args.max_load,
+    };
+    // The benchmarks run on the blocking pool; one runtime thread drives them and the network ones.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("damselfly-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let results = match runtime.block_on(bench::run(&request)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("damselfly-agent: {e}");
+            return match e {
+                BenchError::InvalidRequest(_) => ExitCode::from(2),
+                BenchError::Overloaded { .. } => ExitCode::from(3),
+            };
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for r in &results {
+        let line = if args.json {
+            serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        } else {
+            let detail: Vec<String> = r
+                .detail
+                .iter()
+                .map(|(k, v)| format!("{k}={}", short(*v)))
+                .collect();
+            match &r.error {
+                Some(e) => format!(
+                    "{:<5} failed after {:.2} s: {e}",
+                    r.kind,
+                    r.elapsed.as_secs_f64()
+                ),
+                None => format!(
+                    "{:<5} {:>12.3} {:<6} in {:.2} s  {}",
+                    r.kind,
+                    r.value,
+                    r.unit,
+                    r.elapsed.as_secs_f64(),
+                    detail.join(" ")
+                ),
+            }
+        };
+        if let Err(e) = writeln!(out, "{line}") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                break;
+            }
+            eprintln!("damselfly-agent: cannot write to stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if results.iter().any(|r| r.error.is_some()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A detail figure for a text line: whole numbers without decimals, others with three.
+fn short(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 /// Logs go to stderr (stdout is for `--once` and `--check-config`); `RUST_LOG` filters, default `info`.
