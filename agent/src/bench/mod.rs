@@ -163,8 +163,9 @@ pub struct UnknownBenchKind(pub String);
 impl FromStr for BenchKind {
     type Err = UnknownBenchKind;
 
-    /// Exact names only (`memR`, not `memr`): they are keys in the `bench` table.
+    /// Exact names only (`memR`, not `memr`: they are keys in the `bench` table), around spaces (`--only "cpus, memR"`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
         BenchKind::ALL
             .into_iter()
             .find(|k| k.name() == s)

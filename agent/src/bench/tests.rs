@@ -210,6 +210,7 @@ fn kind_names_round_trip() {
             "cpus", "cpum", "memR", "memW", "fioR", "fioW", "dbR", "dbW", "rtt", "mrtt"
         ]
     );
+    assert_eq!(" memR".parse::<BenchKind>(), Ok(BenchKind::MemR));
     assert!("memr".parse::<BenchKind>().is_err());
     assert!("".parse::<BenchKind>().is_err());
 }
