@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod bench;
 mod install;
 mod place;
 
@@ -64,6 +65,11 @@ enum Command {
     Sql(SqlArgs),
     /// List the agents a collector knows (registered or seen from their batches), with their status.
     Agents(AgentsArgs),
+    /// Benchmarks on the agents' VMs.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Rank where to place each group of an MCIS (Damselfly request or Tumblebug's mcisRecommendVm body).
     Place(place::PlaceArgs),
     /// Manage agents on VMs.
@@ -324,6 +330,7 @@ fn main() -> ExitCode {
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
             Command::Agents(args) => agents(args).await,
+            Command::Bench { command } => bench::main(command).await,
             Command::Place(args) => place::main(args),
             Command::Agent { .. } => ExitCode::FAILURE,
         }
@@ -681,6 +688,11 @@ async fn run_sql(args: &SqlArgs) -> Result<(), SqlFailure> {
 
 /// An Arrow IPC stream as an aligned text table, with the row count under it.
 fn render_table(ipc: &[u8]) -> Result<Vec<u8>, String> {
+    render_table_counted(ipc).map(|(text, _)| text)
+}
+
+/// [`render_table`], and the number of rows.
+fn render_table_counted(ipc: &[u8]) -> Result<(Vec<u8>, usize), String> {
     let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
         .map_err(|e| format!("the collector sent an unreadable Arrow stream: {e}"))?;
     let schema = reader.schema();
@@ -697,7 +709,7 @@ fn render_table(ipc: &[u8]) -> Result<Vec<u8>, String> {
     }
     .map_err(|e| format!("cannot format the result: {e}"))?;
     let noun = if rows == 1 { "row" } else { "rows" };
-    Ok(format!("{table}\n({rows} {noun})\n").into_bytes())
+    Ok((format!("{table}\n({rows} {noun})\n").into_bytes(), rows))
 }
 
 async fn agents(args: AgentsArgs) -> ExitCode {

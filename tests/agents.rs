@@ -95,6 +95,7 @@ fn heartbeat(agent_id: &str) -> HeartbeatRequest {
         pending_bytes: 12_345,
         dropped_batches: 2,
         uptime_secs: 42,
+        ..HeartbeatRequest::default()
     }
 }
 

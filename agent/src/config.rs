@@ -94,6 +94,12 @@ pub struct AgentConfig {
     /// Most batches kept in memory until acknowledged, when there is no spool; when full the oldest is dropped
     /// (and counted). Default 1000 (at the default interval that is ~2.7 hours of a collector outage).
     pub max_pending_batches: usize,
+    /// The VM's spec (instance type, e.g. `t3.large`), tagged `spec` on benchmark rows so scores can be kept per
+    /// (csp, region, spec). Default empty (unknown).
+    pub spec: String,
+    /// A benchmark run the collector asks for is refused when the 1-minute load average per core, in percent, is
+    /// above this, unless the run is forced. Default 50 (a load average of half the cores).
+    pub bench_max_load_percent: u32,
 }
 
 impl Default for AgentConfig {
@@ -124,6 +130,8 @@ impl Default for AgentConfig {
             batch_max_points: 5000,
             max_in_flight: 8,
             max_pending_batches: 1000,
+            spec: String::new(),
+            bench_max_load_percent: 50,
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod probes;
 pub mod push;
 pub mod queue;
@@ -216,6 +217,16 @@ impl Collection {
     }
 }
 
+impl Collection {
+    /// Points made outside the collection rounds (benchmark results): batched and queued like a round's.
+    fn queue_extra(&mut self, h: &AgentHandles, points: Vec<Point>) {
+        enqueue(&h.queue, self.batcher.batches(points), &h.counters);
+        if let Err(e) = lock(&h.queue).checkpoint() {
+            tracing::error!(error = %e, "cannot sync the spool; benchmark results may not survive a power loss");
+        }
+    }
+}
+
 /// Opens the sequence numbers and the queue (the spool when there is a spool directory). Blocking.
 fn open_state(config: &AgentConfig) -> Result<(SeqAllocator, Box<dyn BatchQueue>), AgentError> {
     let mut seq = match &config.state_dir {
@@ -322,6 +333,29 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
+    // Benchmark runs asked by the collector (push mode): commands come with heartbeat answers, results go into
+    // the queue as `bench` rows through the collection loop (which owns the batcher and its sequence numbers).
+    let (bench_rows_tx, mut bench_rows) = tokio::sync::mpsc::unbounded_channel::<Vec<Point>>();
+    let mut bench_control = None;
+    if push_target.is_some() {
+        let (control, commands) = control::BenchControl::new();
+        let settings = control::BenchSettings {
+            work_dir: config.state_dir.clone().unwrap_or_else(std::env::temp_dir),
+            default_time_limit: Duration::from_secs(10),
+            default_fio_bytes: 256 << 20,
+            max_load: f64::from(config.bench_max_load_percent) / 100.0,
+            spec: config.spec.clone(),
+        };
+        let mut stop = stop_rx.clone();
+        let runner = control::run_commands(Arc::clone(&control), commands, settings, bench_rows_tx);
+        side_tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = runner => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        }));
+        bench_control = Some(control);
+    }
     if let Some(target) = push_target {
         let request = register::request(
             agent_id.clone(),
@@ -337,11 +371,12 @@ pub async fn run(
             dropped_batches: counters.batches_dropped.load(Relaxed),
         };
         let mut stop = stop_rx.clone();
-        side_tasks.push(tokio::spawn(register::run_following(
+        side_tasks.push(tokio::spawn(register::run_following_with(
             register::RegisterSettings::default(),
             target,
             request,
             status,
+            bench_control,
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
@@ -388,6 +423,16 @@ pub async fn run(
                 let h = handles.clone();
                 collection = Some(blocking(move || {
                     c.round(&h);
+                    c
+                })
+                .await?);
+                wake.notify_one();
+            }
+            Some(points) = bench_rows.recv() => {
+                let Some(mut c) = collection.take() else { break };
+                let h = handles.clone();
+                collection = Some(blocking(move || {
+                    c.queue_extra(&h, points);
                     c
                 })
                 .await?);

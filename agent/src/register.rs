@@ -182,9 +182,22 @@ pub async fn run_with(
 /// push task pushes to) and, whenever it changes, registers with the new one and sends the heartbeats there.
 pub async fn run_following(
     settings: RegisterSettings,
+    collector: watch::Receiver<String>,
+    request: RegisterRequest,
+    status: impl Fn() -> AgentStatus + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    run_following_with(settings, collector, request, status, None, shutdown).await;
+}
+
+/// [`run_following`] that also carries benchmark runs: the heartbeats report `control`'s progress and hand it the
+/// commands of the answers.
+pub async fn run_following_with(
+    settings: RegisterSettings,
     mut collector: watch::Receiver<String>,
     request: RegisterRequest,
     status: impl Fn() -> AgentStatus + Send + Sync + 'static,
+    control: Option<std::sync::Arc<crate::control::BenchControl>>,
     shutdown: impl Future<Output = ()> + Send,
 ) {
     let started = Instant::now();
@@ -198,7 +211,7 @@ pub async fn run_following(
                 }
             };
             tokio::select! {
-                () = register_and_beat(&settings, url, &request, &status, started) => {}
+                () = register_and_beat(&settings, url, &request, &status, control.as_deref(), started) => {}
                 () = changed => {}
             }
         }
@@ -260,6 +273,7 @@ async fn register_and_beat(
     collector_url: String,
     request: &RegisterRequest,
     status: &impl Fn() -> AgentStatus,
+    control: Option<&crate::control::BenchControl>,
     started: Instant,
 ) {
     let agent_id = request.agent_id.clone();
@@ -326,9 +340,13 @@ async fn register_and_beat(
                 pending_bytes: s.pending_bytes,
                 dropped_batches: s.dropped_batches,
                 uptime_secs: started.elapsed().as_secs(),
+                bench: control.map(|c| c.report()).unwrap_or_default(),
             };
             match client.heartbeat(heartbeat).await {
                 Ok(response) if response.get_ref().registered => {
+                    if let Some(control) = control {
+                        control.deliver(response.into_inner().bench);
+                    }
                     if failures > 0 {
                         tracing::info!(%agent_id, failures, "heartbeats reach the collector again");
                     }
@@ -408,7 +426,10 @@ mod tests {
             s.heartbeat_calls.push(request.into_inner());
             s.order.push('H');
             let registered = s.heartbeats.get(n).copied().unwrap_or(true);
-            Ok(Response::new(HeartbeatResponse { registered }))
+            Ok(Response::new(HeartbeatResponse {
+                registered,
+                ..HeartbeatResponse::default()
+            }))
         }
     }
 

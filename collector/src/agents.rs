@@ -834,11 +834,22 @@ impl AgentRegistry {
 #[derive(Debug, Clone)]
 pub struct AgentsService {
     registry: AgentRegistry,
+    /// Benchmark commands to hand out with heartbeats.
+    bench: crate::bench::BenchRuns,
 }
 
 impl AgentsService {
     pub fn new(registry: AgentRegistry) -> AgentsService {
-        AgentsService { registry }
+        AgentsService {
+            registry,
+            bench: crate::bench::BenchRuns::default(),
+        }
+    }
+
+    /// Hands out `bench`'s commands with the heartbeats and notes where agents register from.
+    pub fn with_bench(mut self, bench: crate::bench::BenchRuns) -> AgentsService {
+        self.bench = bench;
+        self
     }
 
     /// The tonic service (zstd accepted and sent; the default 4 MiB message limit is ample for a registration).
@@ -859,7 +870,12 @@ impl Agents for AgentsService {
         let request = request.into_inner();
         let agent_id = request.agent_id.clone();
         match self.registry.register(request) {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => {
+                if let Some(peer) = peer {
+                    self.bench.note_address(&agent_id, peer.ip());
+                }
+                Ok(Response::new(response))
+            }
             Err(e) => {
                 tracing::warn!(?peer, agent_id = %agent_id.escape_debug(), error = %e, "registration refused");
                 Err(e.into())
@@ -872,7 +888,12 @@ impl Agents for AgentsService {
         request: Request<HeartbeatRequest>,
     ) -> std::result::Result<Response<HeartbeatResponse>, Status> {
         let registered = self.registry.heartbeat(request.get_ref())?;
-        Ok(Response::new(HeartbeatResponse { registered }))
+        let bench = if registered {
+            self.bench.on_heartbeat(request.get_ref())
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(HeartbeatResponse { registered, bench }))
     }
 }
 
@@ -933,6 +954,7 @@ mod tests {
             pending_bytes: 4096,
             dropped_batches: 1,
             uptime_secs: 77,
+            ..HeartbeatRequest::default()
         }
     }
 

@@ -627,21 +627,44 @@ impl Cluster {
     /// `GET <peer http_url><path>` on every live peer at once: the bodies of those that answered 200, and the
     /// others as missing shards.
     pub async fn get_from_peers(&self, path: &str) -> (Vec<(String, Bytes)>, Vec<MissingShard>) {
-        let answers =
-            futures::future::join_all(self.peers().into_iter().map(|(peer, live)| async move {
+        self.ask_peers(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST <peer http_url><path>` with a JSON `body` on every live peer at once, as [`Cluster::get_from_peers`].
+    pub async fn post_to_peers(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (Vec<(String, Bytes)>, Vec<MissingShard>) {
+        self.ask_peers(reqwest::Method::POST, path, Some(body))
+            .await
+    }
+
+    async fn ask_peers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (Vec<(String, Bytes)>, Vec<MissingShard>) {
+        let answers = futures::future::join_all(self.peers().into_iter().map(|(peer, live)| {
+            let (method, body) = (method.clone(), body.clone());
+            async move {
                 if !live {
                     return (peer.id, Err("does not answer".to_string()));
                 }
                 let url = format!("{}{path}", peer.http_url);
                 let answer = async {
-                    let response = self
+                    let mut request = self
                         .inner
                         .client
-                        .get(&url)
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await
-                        .map_err(|e| error_chain(&e))?;
+                        .request(method, &url)
+                        .timeout(Duration::from_secs(10));
+                    if let Some(body) = body {
+                        request = request
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(body);
+                    }
+                    let response = request.send().await.map_err(|e| error_chain(&e))?;
                     if !response.status().is_success() {
                         return Err(format!("answered {}", response.status()));
                     }
@@ -649,8 +672,9 @@ impl Cluster {
                 }
                 .await;
                 (peer.id, answer)
-            }))
-            .await;
+            }
+        }))
+        .await;
         let mut ok = Vec::new();
         let mut missing = Vec::new();
         for (shard, answer) in answers {

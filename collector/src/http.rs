@@ -58,6 +58,8 @@ pub struct ApiState {
     pub scrape: crate::ingest::scrape::ScrapeHandle,
     /// The shard map and the peers (a map of one when the collector is not sharded).
     pub cluster: crate::cluster::Cluster,
+    /// Benchmark runs asked of agents.
+    pub bench: crate::bench::BenchRuns,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
@@ -73,6 +75,8 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .merge(crate::dragonfly::routes())
         .merge(crate::forward::routes())
         .merge(crate::cluster::routes())
+        .merge(crate::bench::routes())
+        .merge(crate::scores::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))

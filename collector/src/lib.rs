@@ -9,6 +9,7 @@
 //! several collectors one sharded deployment.
 
 pub mod agents;
+pub mod bench;
 pub mod buffer;
 pub mod catalog;
 pub mod cluster;
@@ -30,6 +31,7 @@ pub mod pull;
 pub mod query;
 pub mod retention;
 pub mod rollup;
+pub mod scores;
 pub mod server;
 pub mod shared_store;
 pub mod store;

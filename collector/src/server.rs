@@ -150,7 +150,10 @@ impl Collector {
             .with_registry(self.registry.clone())
             .with_cluster(self.cluster.clone())
             .into_server(config.max_grpc_message_bytes);
-        let agents = AgentsService::new(self.registry.clone()).into_server();
+        let bench = crate::bench::BenchRuns::default();
+        let agents = AgentsService::new(self.registry.clone())
+            .with_bench(bench.clone())
+            .into_server();
         let shards = ShardsService::new(self.cluster.clone()).into_server();
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -220,6 +223,7 @@ impl Collector {
                 forward: forward_handle,
                 scrape: scrape_handle,
                 cluster: self.cluster.clone(),
+                bench,
             },
             config.max_sql_bytes,
         );
