@@ -185,35 +185,50 @@ pub struct Point {
     pub lon: f64,
 }
 
-/// Performance scores per (csp, region, spec), supplied by the caller (higher is better).
+/// Performance scores per (csp, region, spec), supplied by the caller (higher is better). Names are matched
+/// case-insensitively.
 #[derive(Debug, Clone, Default)]
-pub struct DynamicScores(HashMap<(String, String, String), f64>);
+pub struct DynamicScores {
+    by_cloud: HashMap<String, HashMap<String, HashMap<String, f64>>>,
+    len: usize,
+}
+
+fn lower(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(s.to_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
 
 impl DynamicScores {
     pub fn new() -> DynamicScores {
         DynamicScores::default()
     }
     pub fn insert(&mut self, csp: &str, region: &str, spec: &str, score: f64) {
-        self.0.insert(
-            (
-                csp.to_lowercase(),
-                region.to_lowercase(),
-                spec.to_lowercase(),
-            ),
-            score,
-        );
+        let old = self
+            .by_cloud
+            .entry(csp.to_lowercase())
+            .or_default()
+            .entry(region.to_lowercase())
+            .or_default()
+            .insert(spec.to_lowercase(), score);
+        if old.is_none() {
+            self.len += 1;
+        }
     }
     pub fn get(&self, spec: &Spec) -> Option<f64> {
-        self.0
-            .get(&(
-                spec.csp.to_lowercase(),
-                spec.region.to_lowercase(),
-                spec.spec.to_lowercase(),
-            ))
+        self.by_cloud
+            .get(lower(&spec.csp).as_ref())?
+            .get(lower(&spec.region).as_ref())?
+            .get(lower(&spec.spec).as_ref())
             .copied()
     }
+    pub fn len(&self) -> usize {
+        self.len
+    }
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 }
 
@@ -550,11 +565,16 @@ pub fn place(
         spread: policy.weights.spread / sum,
     };
     let limit = req.limit.unwrap_or(DEFAULT_LIMIT);
+    // Each spec's raw performance score, looked up once for all groups.
+    let perf: Vec<Option<f64>> = match policy.performance {
+        PerformanceSource::Static => catalog.specs.iter().map(|s| s.score).collect(),
+        PerformanceSource::Dynamic => catalog.specs.iter().map(|s| dynamic.get(s)).collect(),
+    };
     // VMs placed by the earlier groups' winners, per cloud (or cloud/region): the spread criterion's input.
     let mut placed: HashMap<String, u32> = HashMap::new();
     let mut groups = Vec::with_capacity(req.groups.len());
     for group in &req.groups {
-        let answer = place_group(catalog, group, policy, &w, &facts, dynamic, &placed, limit);
+        let answer = place_group(catalog, group, policy, &w, &facts, &perf, &placed, limit);
         if let Some(best) = answer.ranking.first() {
             let key = match policy.spread {
                 SpreadBy::Cloud => best.csp.clone(),
@@ -574,14 +594,10 @@ fn place_group(
     policy: &Policy,
     w: &Weights,
     facts: &RegionFacts,
-    dynamic: &DynamicScores,
+    perf: &[Option<f64>],
     placed: &HashMap<String, u32>,
     limit: usize,
 ) -> GroupAnswer {
-    let perf = |s: &Spec| match policy.performance {
-        PerformanceSource::Static => s.score,
-        PerformanceSource::Dynamic => dynamic.get(s),
-    };
     let clouds: Vec<String> = g.clouds.iter().map(|c| c.to_lowercase()).collect();
     let regions: Vec<RegionRule> = g
         .regions
@@ -596,15 +612,18 @@ fn place_group(
     };
 
     // (name, active, keep: Some(true/false) or None for unknown-and-removed)
-    type Test<'a> = Box<dyn Fn(&Spec) -> Option<bool> + 'a>;
+    type Test<'a> = Box<dyn Fn(usize, &Spec) -> Option<bool> + 'a>;
     let mut tests: Vec<(&str, Test)> = Vec::new();
     if !clouds.is_empty() {
-        tests.push(("clouds", Box::new(|s: &Spec| Some(clouds.contains(&s.csp)))));
+        tests.push((
+            "clouds",
+            Box::new(|_: usize, s: &Spec| Some(clouds.contains(&s.csp))),
+        ));
     }
     if !regions.is_empty() {
         tests.push((
             "regions",
-            Box::new(|s: &Spec| {
+            Box::new(|_: usize, s: &Spec| {
                 let r = s.region.to_lowercase();
                 Some(regions.iter().any(|rule| match rule {
                     RegionRule::Exact(c, reg) => *c == s.csp && *reg == r,
@@ -616,49 +635,51 @@ fn place_group(
     if !spec_names.is_empty() {
         tests.push((
             "specs",
-            Box::new(|s: &Spec| Some(spec_names.contains(&s.spec.to_lowercase()))),
+            Box::new(|_: usize, s: &Spec| Some(spec_names.contains(&s.spec.to_lowercase()))),
         ));
     }
     if let Some(os) = &os {
         tests.push((
             "os",
-            Box::new(move |s: &Spec| Some(s.os.is_empty() || s.os.contains(os))),
+            Box::new(move |_: usize, s: &Spec| Some(s.os.is_empty() || s.os.contains(os))),
         ));
     }
     if let Some(b) = g.vcpus {
         tests.push((
             "vcpus",
-            Box::new(move |s: &Spec| s.vcpus.map(|v| b.contains(v))),
+            Box::new(move |_: usize, s: &Spec| s.vcpus.map(|v| b.contains(v))),
         ));
     }
     if let Some(b) = g.memory_gib {
         tests.push((
             "memory_gib",
-            Box::new(move |s: &Spec| s.memory_gib.map(|v| b.contains(v))),
+            Box::new(move |_: usize, s: &Spec| s.memory_gib.map(|v| b.contains(v))),
         ));
     }
     if price.min.is_some() || price.max.is_some() {
         tests.push((
             "price_per_hour",
-            Box::new(move |s: &Spec| s.price_per_hour.map(|v| price.contains(v))),
+            Box::new(move |_: usize, s: &Spec| s.price_per_hour.map(|v| price.contains(v))),
         ));
     }
     if let Some(max) = policy.filters.max_distance_km {
         tests.push((
             "max_distance_km",
-            Box::new(move |s: &Spec| facts.nearest_km[s.loc as usize].map(|d| d <= max)),
+            Box::new(move |_: usize, s: &Spec| facts.nearest_km[s.loc as usize].map(|d| d <= max)),
         ));
     }
     if let Some(max) = policy.filters.max_latency_ms {
         tests.push((
             "max_latency_ms",
-            Box::new(move |s: &Spec| facts.worst_latency_ms[s.loc as usize].map(|l| l <= max)),
+            Box::new(move |_: usize, s: &Spec| {
+                facts.worst_latency_ms[s.loc as usize].map(|l| l <= max)
+            }),
         ));
     }
     if let Some(min) = policy.filters.min_performance {
         tests.push((
             "min_performance",
-            Box::new(move |s: &Spec| perf(s).map(|p| p >= min)),
+            Box::new(move |i: usize, _: &Spec| perf[i].map(|p| p >= min)),
         ));
     }
 
@@ -674,7 +695,7 @@ fn place_group(
     let mut kept_index: Vec<usize> = Vec::new();
     'specs: for (index, s) in catalog.specs.iter().enumerate() {
         for (i, (_, test)) in tests.iter().enumerate() {
-            match test(s) {
+            match test(index, s) {
                 Some(true) => {}
                 Some(false) => {
                     reports[i].removed += 1;
@@ -692,7 +713,7 @@ fn place_group(
     }
 
     let raw_price: Vec<Option<f64>> = kept.iter().map(|s| s.price_per_hour).collect();
-    let raw_perf: Vec<Option<f64>> = kept.iter().map(|s| perf(s)).collect();
+    let raw_perf: Vec<Option<f64>> = kept_index.iter().map(|&i| perf[i]).collect();
     let raw_dist: Vec<Option<f64>> = kept
         .iter()
         .map(|s| facts.distance_km[s.loc as usize])
