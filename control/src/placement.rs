@@ -921,6 +921,46 @@ mod tests {
     }
 
     #[test]
+    fn worked_example() {
+        // docs/PLACEMENT.md, "Worked example".
+        let c = small();
+        let r = |w: &str| {
+            req(&format!(
+                r#"{{"groups":[{{"name":"g","vcpus":{{"min":2,"max":2}}}}],
+                   "policy":{{"weights":{w},"locations":[{{"lat":37.5665,"lon":126.978}}]}}}}"#
+            ))
+        };
+        let a = place(&c, &r(r#"{"cost":1,"location":1}"#), &DynamicScores::new()).unwrap();
+        let got: Vec<(String, f64, f64, f64, f64)> = a.groups[0]
+            .ranking
+            .iter()
+            .map(|c| {
+                (
+                    format!("{}/{}", c.csp, c.region),
+                    (c.distance_km.unwrap() * 10.0).round() / 10.0,
+                    (c.scores.cost.unwrap() * 1e4).round() / 1e4,
+                    (c.scores.location.unwrap() * 1e4).round() / 1e4,
+                    (c.total * 1e4).round() / 1e4,
+                )
+            })
+            .collect();
+        let want = [
+            ("gcp/asia-northeast3", 40.8, 0.6275, 0.999, 0.8132),
+            // A tie at 0.5: the cheaper spec first.
+            ("gcp/us-east1", 11665.8, 1.0, 0.0, 0.5),
+            ("aws/ap-northeast-2", 28.9, 0.0, 1.0, 0.5),
+            ("aws/us-east-1", 11203.7, 0.4314, 0.0397, 0.2355),
+        ];
+        let want: Vec<(String, f64, f64, f64, f64)> = want
+            .iter()
+            .map(|w| (w.0.to_string(), w.1, w.2, w.3, w.4))
+            .collect();
+        assert_eq!(got, want);
+        let a = place(&c, &r(r#"{"cost":1,"location":3}"#), &DynamicScores::new()).unwrap();
+        assert!((a.groups[0].ranking[0].total - 0.9061).abs() < 1e-4);
+    }
+
+    #[test]
     fn dynamic_scores_change_the_ranking() {
         let c = small();
         let r = req(
