@@ -35,6 +35,7 @@ pub mod scores;
 pub mod server;
 pub mod shared_store;
 pub mod store;
+pub mod subscribe;
 pub mod wal;
 
 pub use config::CollectorConfig;

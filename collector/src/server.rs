@@ -155,11 +155,13 @@ impl Collector {
             .with_bench(bench.clone())
             .into_server();
         let shards = ShardsService::new(self.cluster.clone()).into_server();
+        let metrics = crate::subscribe::MetricsService::new(self.store.clone()).into_server();
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ingest)
             .add_service(agents)
             .add_service(shards)
+            .add_service(metrics)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use crate::v1::{FieldColumn, Point, Series, TableChunk, WriteBatch, field::Value};
+use crate::v1::{Field, FieldColumn, Point, Series, TableChunk, Tag, WriteBatch, field::Value};
 
 /// Why points cannot be expressed as chunks: one field given two types in one batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +86,62 @@ pub fn batch_rows(batch: &WriteBatch) -> usize {
 /// The series of row `row` (0 when `series_index` is empty).
 pub fn series_of(chunk: &TableChunk, row: usize) -> usize {
     chunk.series_index.get(row).map_or(0, |&i| i as usize)
+}
+
+/// The rows of a (validated) chunk as points: the series' tags over `common_tags` (a row's own tag wins), the
+/// present fields, the time. The inverse of [`points_to_chunks`], for consumers that want rows.
+pub fn chunk_to_points(common_tags: &[Tag], chunk: &TableChunk) -> Vec<Point> {
+    let rows = chunk_rows(chunk);
+    // Next value index per column (values are stored only for present rows).
+    let mut cursors = vec![0usize; chunk.fields.len()];
+    let mut out = Vec::with_capacity(rows);
+    for row in 0..rows {
+        let mut tags: Vec<Tag> = common_tags
+            .iter()
+            .filter(|t| !chunk.tag_keys.contains(&t.key))
+            .cloned()
+            .collect();
+        if let Some(series) = chunk.series.get(series_of(chunk, row)) {
+            for (key, value) in chunk.tag_keys.iter().zip(&series.tag_values) {
+                tags.push(Tag {
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+        let mut fields = Vec::with_capacity(chunk.fields.len());
+        for (column, cursor) in chunk.fields.iter().zip(cursors.iter_mut()) {
+            if !is_present(&column.present, row) {
+                continue;
+            }
+            let i = *cursor;
+            *cursor += 1;
+            let value = if let Some(v) = column.f64.get(i) {
+                Value::F64(*v)
+            } else if let Some(v) = column.i64.get(i) {
+                Value::I64(*v)
+            } else if let Some(v) = column.u64.get(i) {
+                Value::U64(*v)
+            } else if let Some(v) = column.bool.get(i) {
+                Value::Bool(*v)
+            } else if let Some(v) = column.str.get(i) {
+                Value::Str(v.clone())
+            } else {
+                continue;
+            };
+            fields.push(Field {
+                key: column.key.clone(),
+                value: Some(value),
+            });
+        }
+        out.push(Point {
+            measurement: chunk.measurement.clone(),
+            tags,
+            fields,
+            time_unix_nano: chunk.time_unix_nano.get(row).copied().unwrap_or(0),
+        });
+    }
+    out
 }
 
 struct ChunkBuilder {
@@ -205,7 +261,6 @@ pub fn points_to_chunks(points: &[Point]) -> Result<Vec<TableChunk>, MixedTypes>
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::v1::{Field, Tag};
 
     fn point(m: &str, tags: &[(&str, &str)], fields: Vec<(&str, Value)>, t: i64) -> Point {
         Point {
@@ -258,6 +313,42 @@ mod tests {
         let mem = &chunks[1];
         assert!(mem.series_index.is_empty());
         assert_eq!(mem.fields[0].u64, vec![5]);
+    }
+
+    #[test]
+    fn chunks_turn_back_into_the_same_points() {
+        let points = vec![
+            point("cpu", &[("cpu", "cpu0")], vec![("u", Value::F64(1.0))], 10),
+            point(
+                "cpu",
+                &[("cpu", "cpu1")],
+                vec![("u", Value::F64(2.0)), ("s", Value::Str("x".into()))],
+                11,
+            ),
+            point(
+                "cpu",
+                &[("cpu", "cpu0")],
+                vec![("b", Value::Bool(true))],
+                20,
+            ),
+        ];
+        let chunks = points_to_chunks(&points).unwrap();
+        let common = [Tag {
+            key: "vm_id".into(),
+            value: "vm-1".into(),
+        }];
+        let back = chunk_to_points(&common, &chunks[0]);
+        assert_eq!(back.len(), 3);
+        for (b, p) in back.iter().zip(&points) {
+            assert_eq!(b.time_unix_nano, p.time_unix_nano);
+            assert_eq!(b.tags[0].key, "vm_id");
+            assert_eq!(&b.tags[1..], &p.tags[..]);
+            let mut want = p.fields.clone();
+            want.sort_by(|a, b| a.key.cmp(&b.key));
+            let mut got = b.fields.clone();
+            got.sort_by(|a, b| a.key.cmp(&b.key));
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
