@@ -330,3 +330,30 @@ fn quantiles_by_nearest_rank() {
     assert_eq!(quantile(&v, 0.0), 1.0);
     assert!(quantile(&[], 0.5).is_nan());
 }
+
+#[tokio::test]
+async fn a_tiny_limit_ends_quickly_with_a_value_or_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kinds: Vec<BenchKind> = BenchKind::ALL
+        .into_iter()
+        .filter(|k| !matches!(k, BenchKind::Rtt | BenchKind::Mrtt))
+        .collect();
+    let mut req = request(&kinds, dir.path());
+    req.time_limit = Duration::from_millis(1);
+    let started = Instant::now();
+    let results = run(&req).await.expect("the run starts");
+    assert_eq!(results.len(), kinds.len());
+    for r in &results {
+        // Setup that outlives the limit (the database load, the memory fill) is an error, never a hang.
+        assert!(
+            r.error.is_some() || r.value > 0.0,
+            "{}: {:?} {:?}",
+            r.kind,
+            r.value,
+            r.error
+        );
+        assert!(r.elapsed <= SLACK, "{} took {:?}", r.kind, r.elapsed);
+    }
+    assert!(started.elapsed() <= SLACK * 2);
+    assert_clean(&dir);
+}
