@@ -713,7 +713,7 @@ mod tests {
             toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
         assert_eq!(
             table.len(),
-            22,
+            24,
             "a new key? document it in agent.example.toml"
         );
         for key in table.keys() {

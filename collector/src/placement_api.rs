@@ -70,10 +70,28 @@ fn bad(e: RequestError) -> Response {
     error(StatusCode::BAD_REQUEST, &e.to_string())
 }
 
+/// Query parameters of `POST /api/v1/placement`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacementParams {
+    /// With `"performance": "dynamic"`: the benchmark whose live scores rank performance (`cpum` by default).
+    kind: Option<String>,
+    /// Benchmark results older than this count as stale (default a day).
+    fresh_secs: Option<u64>,
+}
+
 async fn placement(
-    State(_api): State<Arc<ApiState>>,
+    State(api): State<Arc<ApiState>>,
+    params: Result<
+        axum::extract::Query<PlacementParams>,
+        axum::extract::rejection::QueryRejection,
+    >,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(axum::extract::Query(p)) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
     let body = match body_or_error(body) {
         Ok(b) => b,
         Err(r) => return *r,
@@ -82,7 +100,26 @@ async fn placement(
         Ok(r) => r,
         Err(e) => return bad(e),
     };
-    match place(catalog(), &req, &DynamicScores::new()) {
+    // Dynamic performance: the live per-spec scores (benchmarks weighted by load, docs/BENCHMARKS.md).
+    let mut dynamic = DynamicScores::new();
+    if req.policy.performance == damselfly_control::placement::PerformanceSource::Dynamic {
+        let kind = params.kind.unwrap_or_else(|| "cpum".into());
+        if !crate::bench::KINDS.contains(&kind.as_str()) || matches!(kind.as_str(), "rtt" | "mrtt") {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("kind {kind:?} is not a throughput benchmark (cpus, cpum, memR, memW, fioR, fioW, dbR, dbW)"),
+            );
+        }
+        match crate::scores::scores(&api.engine, &kind, params.fresh_secs.unwrap_or(86_400), 300).await {
+            Ok(scores) => {
+                for s in scores.specs {
+                    dynamic.insert(&s.csp, &s.region, &s.spec, s.score);
+                }
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+    match place(catalog(), &req, &dynamic) {
         Ok(answer) => ok(serde_json::to_string(&answer)),
         Err(e) => bad(e),
     }
