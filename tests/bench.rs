@@ -173,3 +173,83 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
     assert_eq!(rows[0]["runs"], 2, "{rows:?}");
     drop(peer_port);
 }
+
+fn write_lp(collector: &CollectorProc, body: &str) {
+    let (code, text) = common::http_request(
+        "POST",
+        &format!("{}/api/v2/write?bucket=ns1", collector.http),
+        &[("Content-Type", "text/plain")],
+        body.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(code, 204, "{}", String::from_utf8_lossy(&text));
+}
+
+fn first_choice(collector: &CollectorProc) -> String {
+    let request = br#"{"groups":[{"name":"g","regions":["aws/ap-northeast-2"],"specs":["m5.xlarge","c5.xlarge"]}],
+        "policy":{"weights":{"performance":1},"performance":"dynamic"},"limit":2}"#;
+    let (code, body) = common::http_request(
+        "POST",
+        &format!("{}/api/v1/placement?kind=cpum", collector.http),
+        &[("Content-Type", "application/json")],
+        request,
+    )
+    .unwrap();
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["groups"][0]["ranking"][0]["spec"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Dynamic scores follow the live load, and a placement that ranks by them changes when a VM gets busy.
+#[test]
+fn loading_a_vm_lowers_its_specs_score_and_changes_the_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = CollectorProc::start(&dir.path().join("data"), &[]);
+    // Two VMs benchmarked: m5.xlarge 1000 Mops/s, c5.xlarge 800 Mops/s; both 10% busy.
+    write_lp(
+        &collector,
+        "bench,agent_id=a1,vm_id=vm-a,csp=aws,region=ap-northeast-2,spec=m5.xlarge,kind=cpum,unit=Mops/s,run_id=r1 value=1000\n\
+         bench,agent_id=a2,vm_id=vm-b,csp=aws,region=ap-northeast-2,spec=c5.xlarge,kind=cpum,unit=Mops/s,run_id=r1 value=800\n\
+         cpu,agent_id=a1,cpu=cpu-total usage_percent=10\n\
+         cpu,agent_id=a2,cpu=cpu-total usage_percent=10\n",
+    );
+    let score = |spec: &str| {
+        let (code, body) =
+            http_get(&format!("{}/api/v1/scores?kind=cpum", collector.http)).unwrap();
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["specs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["spec"] == spec)
+            .unwrap_or_else(|| panic!("{spec} in {body}"))["score"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!((score("m5.xlarge") - 900.0).abs() < 1e-6);
+    assert!((score("c5.xlarge") - 720.0).abs() < 1e-6);
+    assert_eq!(first_choice(&collector), "m5.xlarge");
+
+    // The m5.xlarge VM gets 90% busy (mean over the window: (10 + 90 + 90) / 3 = 63.3%).
+    write_lp(
+        &collector,
+        "cpu,agent_id=a1,cpu=cpu-total usage_percent=90\ncpu,agent_id=a1,cpu=cpu-total usage_percent=90\n",
+    );
+    let loaded = score("m5.xlarge");
+    assert!(
+        (loaded - 1000.0 * (1.0 - 190.0 / 300.0)).abs() < 1e-6,
+        "{loaded}"
+    );
+    assert!(loaded < score("c5.xlarge"));
+    assert_eq!(first_choice(&collector), "c5.xlarge");
+
+    // Bad requests name the problem.
+    let (code, body) = http_get(&format!("{}/api/v1/scores?kind=gpu", collector.http)).unwrap();
+    assert_eq!(code, 400);
+    assert!(body.contains("unknown benchmark \\\"gpu\\\""), "{body}");
+}
