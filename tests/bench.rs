@@ -171,6 +171,35 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
     let rows = collector.sql("SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM bench");
     assert_eq!(rows[0]["n"], 11, "{rows:?}");
     assert_eq!(rows[0]["runs"], 2, "{rows:?}");
+
+    // Re-benchmarking stale specs (fresh_secs 0: every result is stale): one VM of t3.small, at most one run at once.
+    let refresh = |body: &str| {
+        let (code, text) = http_post(
+            &format!("{}/api/v1/scores/refresh", collector.http),
+            body.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{text}");
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let first = refresh(r#"{"kind":"cpus","fresh_secs":0,"max_concurrent":1,"time_limit_secs":1}"#);
+    assert_eq!(first["started"].as_array().unwrap().len(), 1, "{first}");
+    let second = refresh(r#"{"kind":"cpus","fresh_secs":0,"max_concurrent":1}"#);
+    assert!(second["started"].as_array().unwrap().is_empty(), "{second}");
+    assert!(
+        second["waiting"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_concurrent"),
+        "{second}"
+    );
+    let run_id = first["started"][0]["run_id"].as_str().unwrap().to_string();
+    wait_until(Duration::from_secs(60), "the refresh run's row", || {
+        collector.sql(&format!(
+            "SELECT count(*) AS n FROM bench WHERE run_id = '{run_id}'"
+        ))[0]["n"]
+            == 1
+    });
     drop(peer_port);
 }
 

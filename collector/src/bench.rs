@@ -157,6 +157,8 @@ struct Inner {
     pending: HashMap<String, Vec<BenchCommand>>,
     /// The address each agent registered from (for `mrtt`).
     addresses: HashMap<String, IpAddr>,
+    /// Re-benchmark runs of stale specs ([`crate::scores`]) not yet known to be finished.
+    refreshes: Vec<String>,
 }
 
 /// Benchmark runs and the commands waiting for their agents. Cheap to clone.
@@ -287,6 +289,29 @@ impl BenchRuns {
             inner.pending.remove(&request.agent_id);
         }
         out
+    }
+
+    /// Notes a re-benchmark run of a stale spec.
+    pub fn note_refresh(&self, run_id: &str) {
+        self.lock().refreshes.push(run_id.to_string());
+    }
+
+    /// Re-benchmark runs not finished yet.
+    pub fn unfinished_refreshes(&self) -> usize {
+        let ids = std::mem::take(&mut self.lock().refreshes);
+        let unfinished: Vec<String> = ids.into_iter().filter(|id| !self.finished(id)).collect();
+        let n = unfinished.len();
+        self.lock().refreshes.extend(unfinished);
+        n
+    }
+
+    /// Whether every agent of the run has finished it (an unknown run counts as finished).
+    pub fn finished(&self, run_id: &str) -> bool {
+        self.status(run_id).is_none_or(|agents| {
+            agents
+                .iter()
+                .all(|a| matches!(a.state.as_str(), "done" | "refused" | "failed"))
+        })
     }
 
     /// This shard's view of a run.

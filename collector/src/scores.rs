@@ -251,9 +251,124 @@ struct ScoreParams {
     load_window_secs: Option<u64>,
 }
 
-/// `GET /api/v1/scores`.
+/// `GET /api/v1/scores`, `POST /api/v1/scores/refresh`.
 pub fn routes() -> Router<Arc<ApiState>> {
-    Router::new().route("/api/v1/scores", get(get_scores))
+    Router::new()
+        .route("/api/v1/scores", get(get_scores))
+        .route("/api/v1/scores/refresh", axum::routing::post(refresh))
+}
+
+/// `POST /api/v1/scores/refresh`: re-benchmark stale specs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    /// Benchmark kind; default `cpum`.
+    #[serde(default)]
+    kind: Option<String>,
+    /// Results older than this are stale. Default 86,400.
+    #[serde(default)]
+    fresh_secs: Option<u64>,
+    /// Most refresh runs unfinished at once (this call's and earlier ones'). Default 2, 1 to 100.
+    #[serde(default)]
+    max_concurrent: Option<usize>,
+    /// Time limit of the benchmark, seconds. Default the agent's.
+    #[serde(default)]
+    time_limit_secs: Option<u32>,
+}
+
+async fn refresh(
+    State(api): State<Arc<ApiState>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let bad = |message: String| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message,
+    };
+    let request: RefreshRequest = if body.is_empty() {
+        serde_json::from_str("{}").map_err(|e| bad(e.to_string()))?
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(format!("bad refresh request: {e}")))?
+    };
+    let kind = request.kind.unwrap_or_else(|| "cpum".into());
+    if !crate::bench::KINDS.contains(&kind.as_str()) {
+        return Err(bad(format!("unknown benchmark {kind:?}")));
+    }
+    let max = request.max_concurrent.unwrap_or(2);
+    if !(1..=100).contains(&max) {
+        return Err(bad(format!(
+            "max_concurrent ({max}) must be between 1 and 100"
+        )));
+    }
+    let fresh = request.fresh_secs.unwrap_or(86_400);
+    let scores = scores(&api.engine, &kind, fresh, 300)
+        .await
+        .map_err(|message| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message,
+        })?;
+    let running = api.bench.unfinished_refreshes();
+    let live = api.registry.list(None);
+    let mut started = Vec::new();
+    let mut waiting = Vec::new();
+    for spec in scores.specs.iter().filter(|s| s.stale) {
+        // One live VM of the spec is enough: the spec's score is the median over its VMs.
+        let candidate = scores
+            .vms
+            .iter()
+            .filter(|v| {
+                (v.csp.as_str(), v.region.as_str(), v.spec.as_str())
+                    == (spec.csp.as_str(), spec.region.as_str(), spec.spec.as_str())
+            })
+            .find_map(|v| {
+                live.iter().find(|a| {
+                    a.agent_id == v.agent_id && a.status != crate::agents::AgentStatus::Down
+                })
+            });
+        let Some(agent) = candidate else {
+            waiting.push(
+                serde_json::json!({"spec": spec.spec, "csp": spec.csp, "region": spec.region,
+                "reason": "no live VM of this spec reports to this shard"}),
+            );
+            continue;
+        };
+        if running + started.len() >= max {
+            waiting.push(
+                serde_json::json!({"spec": spec.spec, "csp": spec.csp, "region": spec.region,
+                "reason": format!("{max} refresh runs are already unfinished (max_concurrent)")}),
+            );
+            continue;
+        }
+        let id = |k: &str| agent.identity.get(k).cloned().unwrap_or_default();
+        let run = crate::bench::RunRequest {
+            ns: id("ns_id"),
+            mcis: id("mcis_id"),
+            vm: Some(id("vm_id")),
+            only: vec![kind.clone()],
+            time_limit_secs: request.time_limit_secs,
+            fio_file_bytes: None,
+            rtt_targets: Vec::new(),
+            mrtt_port: 22,
+            force: false,
+            run_id: None,
+        };
+        let kinds = run.validate().map_err(bad)?;
+        let (run_id, agents) = api.bench.start(&api.registry, &run, &kinds);
+        if agents.is_empty() {
+            continue;
+        }
+        api.bench.note_refresh(&run_id);
+        started.push(
+            serde_json::json!({"spec": spec.spec, "csp": spec.csp, "region": spec.region,
+            "vm_id": id("vm_id"), "run_id": run_id}),
+        );
+    }
+    Ok(axum::Json(serde_json::json!({
+        "kind": kind,
+        "stale_specs": scores.specs.iter().filter(|s| s.stale).count(),
+        "started": started,
+        "waiting": waiting,
+    }))
+    .into_response())
 }
 
 async fn get_scores(
