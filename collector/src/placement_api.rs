@@ -82,10 +82,7 @@ struct PlacementParams {
 
 async fn placement(
     State(api): State<Arc<ApiState>>,
-    params: Result<
-        axum::extract::Query<PlacementParams>,
-        axum::extract::rejection::QueryRejection,
-    >,
+    params: Result<axum::extract::Query<PlacementParams>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let params = match params {
@@ -104,13 +101,18 @@ async fn placement(
     let mut dynamic = DynamicScores::new();
     if req.policy.performance == damselfly_control::placement::PerformanceSource::Dynamic {
         let kind = params.kind.unwrap_or_else(|| "cpum".into());
-        if !crate::bench::KINDS.contains(&kind.as_str()) || matches!(kind.as_str(), "rtt" | "mrtt") {
+        if !crate::bench::KINDS.contains(&kind.as_str()) || matches!(kind.as_str(), "rtt" | "mrtt")
+        {
             return error(
                 StatusCode::BAD_REQUEST,
-                &format!("kind {kind:?} is not a throughput benchmark (cpus, cpum, memR, memW, fioR, fioW, dbR, dbW)"),
+                &format!(
+                    "kind {kind:?} is not a throughput benchmark (cpus, cpum, memR, memW, fioR, fioW, dbR, dbW)"
+                ),
             );
         }
-        match crate::scores::scores(&api.engine, &kind, params.fresh_secs.unwrap_or(86_400), 300).await {
+        match crate::scores::scores(&api.engine, &kind, params.fresh_secs.unwrap_or(86_400), 300)
+            .await
+        {
             Ok(scores) => {
                 for s in scores.specs {
                     dynamic.insert(&s.csp, &s.region, &s.spec, s.score);
