@@ -80,7 +80,9 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
             "--mcis",
             "web",
             "--only",
-            "cpus,memW,fioR,dbW,mrtt",
+            "cpus,cpum,memR,memW,fioR,fioW,dbR,dbW,rtt,mrtt",
+            "--rtt",
+            &format!("127.0.0.1:{mrtt_port}"),
             "--time-limit",
             "1",
             "--fio-bytes",
@@ -99,7 +101,7 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
     assert!(stdout.contains("on 2 VM(s)"), "{stdout}");
-    assert!(stdout.contains("(10 rows)"), "{stdout}");
+    assert!(stdout.contains("(20 rows)"), "{stdout}");
     let run_id = stdout
         .split_whitespace()
         .nth(1)
@@ -111,7 +113,7 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
     let rows = collector.sql(&format!(
         "SELECT vm_id, spec, kind, unit, value, vcpus, memory_bytes FROM bench WHERE run_id = '{run_id}' ORDER BY vm_id, kind"
     ));
-    assert_eq!(rows.len(), 10, "{rows:?}");
+    assert_eq!(rows.len(), 20, "{rows:?}");
     for row in &rows {
         assert_eq!(row["spec"], "t3.small", "{row}");
         assert!(!row["unit"].as_str().unwrap().is_empty(), "{row}");
@@ -126,7 +128,9 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
             .collect();
         assert_eq!(
             kinds,
-            ["cpus", "dbW", "fioR", "memW", "mrtt"],
+            [
+                "cpum", "cpus", "dbR", "dbW", "fioR", "fioW", "memR", "memW", "mrtt", "rtt"
+            ],
             "{vm}: {rows:?}"
         );
     }
@@ -137,7 +141,7 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
         serde_json::from_str::<Vec<serde_json::Value>>(&body)
             .unwrap()
             .len(),
-        10
+        20
     );
     let (code, body) = http_get(&format!("{}/api/v1/bench/runs/{run_id}", collector.http)).unwrap();
     assert_eq!(code, 200, "{body}");
@@ -169,7 +173,7 @@ fn bench_run_reaches_every_agent_and_keeps_every_result() {
         String::from_utf8_lossy(&output.stderr)
     );
     let rows = collector.sql("SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM bench");
-    assert_eq!(rows[0]["n"], 11, "{rows:?}");
+    assert_eq!(rows[0]["n"], 21, "{rows:?}");
     assert_eq!(rows[0]["runs"], 2, "{rows:?}");
 
     // Re-benchmarking stale specs (fresh_secs 0: every result is stale): one VM of t3.small, at most one run at once.
