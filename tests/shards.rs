@@ -134,6 +134,12 @@ impl Deployment {
     }
 }
 
+/// `POST <url>` with an empty body: (status, body text).
+fn post_empty(url: &str) -> (u16, String) {
+    let (code, body) = http_request("POST", url, &[], b"").unwrap();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
 fn assign(http: &str, ids: &[String]) -> HashMap<String, String> {
     let body = serde_json::json!({ "agent_ids": ids }).to_string();
     let (code, body) = http_request(
@@ -231,29 +237,13 @@ fn agents_spread_evenly_and_a_new_shard_takes_only_its_share() {
     assert_eq!(assign(&d.shards[3].http_url(), &ids), after);
 
     // A reload without a change says so; a broken file is refused and the map kept.
-    let (code, body) = http_request(
-        "POST",
-        &format!("{}/api/v1/shards/reload", d.shards[2].http_url()),
-        &[],
-        b"",
-    )
-    .unwrap();
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-    assert!(String::from_utf8_lossy(&body).contains("\"changed\":false"));
+    let (code, body) = post_empty(&format!("{}/api/v1/shards/reload", d.shards[2].http_url()));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"changed\":false"));
     std::fs::write(d.shards_file(), "[[shards]]\nid = \"s0\"\n").unwrap();
-    let (code, body) = http_request(
-        "POST",
-        &format!("{}/api/v1/shards/reload", d.shards[2].http_url()),
-        &[],
-        b"",
-    )
-    .unwrap();
+    let (code, body) = post_empty(&format!("{}/api/v1/shards/reload", d.shards[2].http_url()));
     assert_eq!(code, 400);
-    assert!(
-        String::from_utf8_lossy(&body).contains("shards_file"),
-        "{}",
-        String::from_utf8_lossy(&body)
-    );
+    assert!(body.contains("shards_file"), "{body}");
     d.wait_for_map(2, 4, 4);
 }
 
@@ -488,26 +478,14 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
         }
     }
     // A flush on the victim first, so that some of its rows are in the shared store when it dies.
-    let (code, _) = http_request(
-        "POST",
-        &format!("{}/api/v1/admin/flush", d.shards[1].http_url()),
-        &[],
-        b"",
-    )
-    .unwrap();
+    let (code, _) = post_empty(&format!("{}/api/v1/admin/flush", d.shards[1].http_url()));
     assert_eq!(code, 200);
     // A second file and a compaction: the victim dies with the compaction's inputs still beside its output (they
     // stay query_timeout_secs + 1 s), which a reader of its directory must count once.
     std::thread::sleep(Duration::from_millis(300));
     for path in ["/api/v1/admin/flush", "/api/v1/admin/maintenance"] {
-        let (code, body) = http_request(
-            "POST",
-            &format!("{}{path}", d.shards[1].http_url()),
-            &[],
-            b"",
-        )
-        .unwrap();
-        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        let (code, body) = post_empty(&format!("{}{path}", d.shards[1].http_url()));
+        assert_eq!(code, 200, "{path}: {body}");
     }
     let compacted = parquet_under(&d.dir.path().join("shared/shard=s1/data").join(TABLE))
         .iter()
@@ -594,13 +572,7 @@ fn a_killed_shard_loses_nothing_and_its_agents_come_back() {
             );
         }
         for s in &d.shards {
-            let (code, _) = http_request(
-                "POST",
-                &format!("{}/api/v1/admin/flush", s.http_url()),
-                &[],
-                b"",
-            )
-            .unwrap();
+            let (code, _) = post_empty(&format!("{}/api/v1/admin/flush", s.http_url()));
             assert_eq!(code, 200);
         }
     }

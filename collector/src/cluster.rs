@@ -186,6 +186,29 @@ pub struct PeerTable {
     pub batches: Vec<RecordBatch>,
 }
 
+impl PeerTable {
+    /// A table of files only (a shard that does not answer), its schema merged over the files' schemas; `None`
+    /// without files.
+    pub fn from_files(
+        table: &str,
+        files: Vec<(ParquetFile, TableSchema)>,
+    ) -> Result<Option<PeerTable>, String> {
+        let mut catalog = Catalog::default();
+        let mut out = Vec::with_capacity(files.len());
+        for (file, schema) in files {
+            catalog
+                .merge_table(table, &schema)
+                .map_err(|e| e.to_string())?;
+            out.push(Arc::new(file));
+        }
+        Ok(catalog.table(table).cloned().map(|schema| PeerTable {
+            schema,
+            files: out,
+            batches: Vec::new(),
+        }))
+    }
+}
+
 /// How a file is described to other shards: its path relative to the shard root, and what pruning needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct WireFile {
@@ -604,24 +627,12 @@ impl Cluster {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             replaced.extend(names.into_iter().map(|name| dir.join(name)));
         }
-        let mut catalog = Catalog::default();
-        let mut files = Vec::new();
-        for path in paths.iter().filter(|p| !replaced.contains(*p)) {
-            let (file, file_schema) =
-                crate::persist::read_file_meta(path, table).map_err(|e| e.to_string())?;
-            catalog
-                .merge_table(table, &file_schema)
-                .map_err(|e| e.to_string())?;
-            files.push(Arc::new(file));
-        }
-        let Some(schema) = catalog.table(table).cloned() else {
-            return Ok(None);
-        };
-        Ok(Some(PeerTable {
-            schema,
-            files,
-            batches: Vec::new(),
-        }))
+        let files = paths
+            .iter()
+            .filter(|p| !replaced.contains(*p))
+            .map(|path| crate::persist::read_file_meta(path, table).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, String>>()?;
+        PeerTable::from_files(table, files)
     }
 
     /// `GET <peer http_url><path>` on every live peer at once: the bodies of those that answered 200, and the

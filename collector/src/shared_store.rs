@@ -37,7 +37,6 @@ use parquet::file::metadata::ParquetMetaDataReader;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-use crate::catalog::Catalog;
 use crate::cluster::PeerTable;
 use crate::compaction::META_COMPACTED_FROM;
 use crate::error::{CollectorError, Result};
@@ -633,25 +632,12 @@ impl SharedStore {
                     .map(move |name| dir.join(name).to_string_lossy().into_owned())
             })
             .collect();
-        let mut catalog = Catalog::default();
-        let mut files = Vec::new();
-        for (file, schema, _) in footers {
-            if replaced.contains(file.path.to_string_lossy().as_ref()) {
-                continue;
-            }
-            catalog
-                .merge_table(table, &schema)
-                .map_err(|e| e.to_string())?;
-            files.push(Arc::new(file));
-        }
-        let Some(schema) = catalog.table(table).cloned() else {
-            return Ok(None);
-        };
-        Ok(Some(PeerTable {
-            schema,
-            files,
-            batches: Vec::new(),
-        }))
+        let files = footers
+            .into_iter()
+            .filter(|(file, _, _)| !replaced.contains(file.path.to_string_lossy().as_ref()))
+            .map(|(file, schema, _)| (file, schema))
+            .collect();
+        PeerTable::from_files(table, files)
     }
 
     async fn read_footer(
