@@ -34,6 +34,7 @@ pub mod rollup;
 pub mod scores;
 pub mod server;
 pub mod shared_store;
+pub mod sqlfn;
 pub mod store;
 pub mod subscribe;
 pub mod wal;

@@ -37,6 +37,7 @@ use crate::cluster::{Cluster, MissingShard, local_snapshot};
 use crate::model::TIME_COLUMN;
 use crate::persist::{ParquetFile, conform};
 use crate::rollup::{self, Resolution};
+use crate::sqlfn;
 use crate::store::{Store, TableSnapshot};
 
 /// Why a query failed, classified so the HTTP layer can pick a status code.
@@ -143,6 +144,7 @@ impl QueryEngine {
         parquet.pushdown_filters = true;
         parquet.reorder_filters = true;
         let ctx = SessionContext::new_with_config_rt(config.clone(), runtime.clone());
+        sqlfn::register(&ctx);
         let catalog = ctx
             .catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("the default catalog is missing".into()))?;
@@ -192,6 +194,7 @@ impl QueryEngine {
             return Ok((self.ctx.clone(), None));
         };
         let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        sqlfn::register(&ctx);
         let catalog = ctx
             .catalog("datafusion")
             .ok_or_else(|| QueryError::Internal("the default catalog is missing".into()))?;
