@@ -152,6 +152,9 @@ struct CollectorArgs {
     /// gRPC ingest address [default: 127.0.0.1:4317]; port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     grpc: Option<SocketAddr>,
+    /// PostgreSQL wire protocol address (psql, drivers) [default: off]; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pg: Option<SocketAddr>,
     /// Seconds between flushes of the buffer to Parquet [default: 60].
     #[arg(long, value_name = "SECS")]
     flush_interval: Option<u64>,
@@ -195,6 +198,7 @@ impl CollectorArgs {
         if let Some(v) = self.grpc {
             c.grpc_addr = v;
         }
+        c.pg_addr = self.pg.or(c.pg_addr);
         if let Some(v) = self.flush_interval {
             c.flush_interval_secs = v;
         }
@@ -364,6 +368,9 @@ fn print_endpoints(collector: &Collector, data_dir: &std::path::Path) {
     let http = collector.http_addr();
     println!("damselfly collector is up");
     println!("  grpc: http://{}", collector.grpc_addr());
+    if let Some(pg) = collector.pg_addr() {
+        println!("  pg: {pg}");
+    }
     println!("  http: http://{http}");
     println!("  data: {}", data_dir.display());
     let url_flag = if http == SocketAddr::from(([127, 0, 0, 1], 8086)) {
@@ -534,6 +541,8 @@ fn sharded_configs(base: &CollectorConfig, n: u16) -> Result<Vec<CollectorConfig
         }
         c.grpc_addr = port(base.grpc_addr, i)?;
         c.http_addr = port(base.http_addr, i)?;
+        // One PostgreSQL port is enough: the first shard's queries span every shard.
+        c.pg_addr = base.pg_addr.filter(|_| i == 0);
         c.shards = list.clone();
         c.shards_file = None;
         c.validate().map_err(|e| e.to_string())?;

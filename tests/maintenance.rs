@@ -92,6 +92,7 @@ fn start(data_dir: &Path, config: &str, failpoint: Option<&str>) -> CollectorPro
         proc,
         grpc,
         http,
+        pg: None,
         data_dir: data_dir.to_path_buf(),
     };
     common::wait_until(Duration::from_secs(30), "collector /health", || {

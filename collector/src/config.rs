@@ -29,6 +29,9 @@ pub struct CollectorConfig {
     pub grpc_addr: SocketAddr,
     /// HTTP API address. Default `127.0.0.1:8086`; port 0 picks a free port.
     pub http_addr: SocketAddr,
+    /// PostgreSQL wire protocol address (see [`crate::pgwire`]): `psql`, drivers and BI tools run SQL there.
+    /// Default: none (off); port 0 picks a free port.
+    pub pg_addr: Option<SocketAddr>,
     /// This shard's id; it prefixes every file the shard writes and names its directory in the shared store.
     /// Default `s0`.
     pub shard_id: String,
@@ -134,6 +137,7 @@ impl Default for CollectorConfig {
             data_dir: PathBuf::from("./damselfly-data"),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8086)),
+            pg_addr: None,
             shard_id: "s0".to_string(),
             shards: Vec::new(),
             shards_file: None,
@@ -209,6 +213,14 @@ impl CollectorConfig {
         }
         if self.max_batch_points == 0 {
             return bad("max_batch_points must be at least 1".into());
+        }
+        if let Some(pg) = self.pg_addr
+            && pg.port() != 0
+            && (pg == self.http_addr || pg == self.grpc_addr)
+        {
+            return bad(format!(
+                "pg_addr ({pg}) must differ from http_addr and grpc_addr"
+            ));
         }
         if self.query_timeout_secs == 0 {
             return bad("query_timeout_secs must be at least 1".into());

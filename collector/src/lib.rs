@@ -26,6 +26,7 @@ pub mod ingest;
 pub mod maintenance;
 pub mod model;
 pub mod persist;
+pub mod pgwire;
 pub mod placement_api;
 pub mod pull;
 pub mod query;

@@ -217,15 +217,57 @@ impl QueryEngine {
         Ok((ctx, Some(missing)))
     }
 
+    /// Plans one read-only SQL statement without running it: the types of its `$n` parameters (in order; `None`
+    /// where the plan does not fix one) and the schema of its result. The PostgreSQL protocol's Describe needs both.
+    pub async fn describe(
+        &self,
+        sql: &str,
+    ) -> Result<(Vec<Option<arrow::datatypes::DataType>>, SchemaRef), QueryError> {
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let (ctx, _) = self.context()?;
+        let frame = ctx.sql_with_options(sql, options).await?;
+        let types = frame.logical_plan().get_parameter_types()?;
+        let mut params: Vec<(usize, Option<arrow::datatypes::DataType>)> = types
+            .into_iter()
+            .filter_map(|(id, t)| Some((id.strip_prefix('$')?.parse().ok()?, t)))
+            .collect();
+        params.sort_by_key(|(n, _)| *n);
+        // `$1` and `$3` without `$2`: the missing one is still a parameter, of unknown type.
+        let count = params.last().map_or(0, |(n, _)| *n);
+        let mut ordered = vec![None; count];
+        for (n, t) in params {
+            if let Some(slot) = n.checked_sub(1).and_then(|i| ordered.get_mut(i)) {
+                *slot = t;
+            }
+        }
+        Ok((ordered, Arc::new(frame.schema().as_arrow().clone())))
+    }
+
     /// Plans and runs one read-only SQL statement.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        self.sql_with_params(sql, Vec::new()).await
+    }
+
+    /// [`QueryEngine::sql`] with values for the statement's `$1`, `$2`, ... parameters (bound as typed values, never
+    /// spliced into the text).
+    pub async fn sql_with_params(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+    ) -> Result<QueryResult, QueryError> {
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
         let (ctx, missing) = self.context()?;
         let run = async {
-            let frame = ctx.sql_with_options(sql, options).await?;
+            let mut frame = ctx.sql_with_options(sql, options).await?;
+            if !params.is_empty() {
+                frame = frame.with_param_values(params)?;
+            }
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;
             let missing_shards = missing.map(|m| m.take()).unwrap_or_default();

@@ -40,6 +40,8 @@ pub struct Collector {
     http: TcpListener,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    /// The PostgreSQL protocol listener, when `pg_addr` is set.
+    pg: Option<(TcpListener, SocketAddr)>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
@@ -64,6 +66,10 @@ impl Collector {
         config.validate()?;
         let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
         let (http, http_addr) = bind(config.http_addr).await?;
+        let pg = match config.pg_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let cluster = Cluster::new(
             &config,
             ShardEndpoint {
@@ -108,6 +114,7 @@ impl Collector {
             http,
             grpc_addr,
             http_addr,
+            pg,
         })
     }
 
@@ -117,6 +124,11 @@ impl Collector {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The PostgreSQL protocol address, when enabled.
+    pub fn pg_addr(&self) -> Option<SocketAddr> {
+        self.pg.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The shard map and the peers.
@@ -232,6 +244,17 @@ impl Collector {
         let http = axum::serve(self.http, api).with_graceful_shutdown(stopped(stop_rx.clone()));
         let mut http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
 
+        // The PostgreSQL protocol: its connections end when the stop signal comes.
+        let pg = self.pg.map(|(listener, addr)| {
+            tracing::info!(pg = %addr, "PostgreSQL protocol serving");
+            let engine = self.engine.clone();
+            let rx = stop_rx.clone();
+            let max = config.max_sql_bytes;
+            tokio::spawn(
+                async move { crate::pgwire::serve(listener, engine, max, stopped(rx)).await },
+            )
+        });
+
         // Peers' liveness and the shards_file.
         let prober = tokio::spawn({
             let rx = stop_rx.clone();
@@ -275,6 +298,11 @@ impl Collector {
                 );
                 abort.abort();
             }
+        }
+        if let Some(pg) = pg
+            && let Err(e) = pg.await
+        {
+            tracing::error!(error = %e, "the PostgreSQL protocol server failed");
         }
         // The pull scheduler abandons its pulls at once (unacknowledged batches stay at the agents).
         if let Err(e) = puller.await {

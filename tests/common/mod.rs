@@ -115,6 +115,8 @@ pub struct CollectorProc {
     pub proc: Proc,
     pub grpc: String,
     pub http: String,
+    /// The PostgreSQL protocol address (`127.0.0.1:PORT`) when started with `--pg`.
+    pub pg: Option<String>,
     pub data_dir: PathBuf,
 }
 
@@ -168,21 +170,25 @@ impl CollectorProc {
         std::thread::spawn(move || {
             let mut grpc = None;
             let mut http = None;
+            let mut pg = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 if let Some(v) = line.trim().strip_prefix("grpc: ") {
                     grpc = Some(v.to_owned());
                 }
+                if let Some(v) = line.trim().strip_prefix("pg: ") {
+                    pg = Some(v.to_owned());
+                }
                 if let Some(v) = line.trim().strip_prefix("http: ") {
                     http = Some(v.to_owned());
                 }
                 if let (Some(g), Some(h)) = (&grpc, &http) {
-                    let _ = tx.send((g.clone(), h.clone()));
+                    let _ = tx.send((g.clone(), h.clone(), pg.take()));
                     grpc = None;
                 }
             }
         });
-        let (grpc, http) = match rx.recv_timeout(Duration::from_secs(60)) {
+        let (grpc, http, pg) = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addrs) => addrs,
             Err(_) => {
                 let status = proc.child.try_wait().ok().flatten();
@@ -196,6 +202,7 @@ impl CollectorProc {
             proc,
             grpc,
             http,
+            pg,
             data_dir: data_dir.to_path_buf(),
         };
         wait_until(Duration::from_secs(30), "collector /health", || {
