@@ -299,3 +299,31 @@ async fn malformed_messages_get_an_error_and_others_keep_working() {
     let rows = fresh.query("SELECT count(*) FROM mem", &[]).await.unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_over_the_timeout_is_cancelled_with_57014() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("collector.toml");
+    std::fs::write(&config, "query_timeout_secs = 1\n").unwrap();
+    let collector = tokio::task::block_in_place(|| {
+        CollectorProc::start(
+            &dir.path().join("data"),
+            &["--pg", "127.0.0.1:0", "--config", config.to_str().unwrap()],
+        )
+    });
+    let port: u16 = collector
+        .pg
+        .as_deref()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let client = connect(port).await;
+    let err = client
+        .query("SELECT count(*) FROM generate_series(1, 100000000000)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    // The connection goes on.
+    let rows = client.query("SELECT 1::BIGINT", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1);
+}

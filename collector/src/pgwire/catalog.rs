@@ -170,8 +170,9 @@ fn text_answer(columns: &[String], rows: Vec<Vec<Option<String>>>) -> Result<Ans
 async fn tables(engine: &QueryEngine) -> Result<Vec<String>, PgError> {
     let result = engine
         .sql(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' \
-             ORDER BY table_name",
+            // Sorted here, not with ORDER BY: a sort reserves memory, and listing tables should work even when
+            // the query memory pool is small or busy.
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
         )
         .await?;
     let mut names = Vec::new();
@@ -186,6 +187,7 @@ async fn tables(engine: &QueryEngine) -> Result<Vec<String>, PgError> {
                 .map(str::to_owned),
         );
     }
+    names.sort();
     Ok(names)
 }
 
