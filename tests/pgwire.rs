@@ -127,6 +127,14 @@ fn psql_queries_lists_tables_and_describes_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ERROR"));
     assert_eq!(psql(port, "SELECT count(*) FROM cpu").trim(), "3");
+    // Several statements in one query string; SHOW of a session parameter.
+    assert_eq!(
+        psql(port, "SELECT 1; SELECT count(*) FROM mem;")
+            .lines()
+            .collect::<Vec<_>>(),
+        ["1", "1"]
+    );
+    assert_eq!(psql(port, "SHOW TimeZone").trim(), "UTC");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -170,6 +178,24 @@ async fn driver_prepared_statements_return_typed_rows() {
     assert_eq!(rows[0].get::<_, i64>("c"), 1);
     let rows = client.query("SELECT used FROM mem", &[]).await.unwrap();
     assert_eq!(rows.len(), 1);
+
+    // A portal read in pieces (Execute with a row limit, PortalSuspended in between).
+    let mut client = client;
+    let tx = client.transaction().await.unwrap();
+    let portal = tx
+        .bind("SELECT n FROM cpu WHERE n >= $1 ORDER BY n", &[&3i64])
+        .await
+        .unwrap();
+    let mut pieces = Vec::new();
+    loop {
+        let rows = tx.query_portal(&portal, 2).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        pieces.push(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>());
+    }
+    assert_eq!(pieces, [vec![3, 4], vec![5]]);
+    tx.commit().await.unwrap();
 
     // Housekeeping statements drivers send are accepted.
     client

@@ -193,6 +193,8 @@ struct Portal {
     params: Vec<ScalarValue>,
     result_formats: Vec<i16>,
     answer: Option<Answer>,
+    /// Rows already sent by Executes with a row limit.
+    sent: usize,
 }
 
 struct Connection {
@@ -412,13 +414,16 @@ impl Connection {
             Ok(s) => s,
             Err(e) => return self.fatal(e.message).await,
         };
-        match self.answer(&sql, Vec::new()).await {
-            Ok(answer) => {
-                if let Err(e) = self.send_answer(&answer, &[], true) {
-                    self.error(&e);
-                }
+        // Several statements run in order; the first error ends the query string, as in PostgreSQL.
+        for statement in split_statements(&sql) {
+            let sent = match self.answer(&statement, Vec::new()).await {
+                Ok(answer) => self.send_answer(&answer, &[], true),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                self.error(&e);
+                break;
             }
-            Err(e) => self.error(&e),
         }
         self.ready();
         self.flush().await
@@ -432,6 +437,9 @@ impl Connection {
         }
         if let Some(tag) = housekeeping(trimmed) {
             return Ok(Answer::Command(tag));
+        }
+        if let Some(answer) = show(trimmed) {
+            return answer;
         }
         if let Some(answer) = catalog::answer(&self.engine, trimmed).await {
             return answer;
@@ -506,7 +514,12 @@ impl Connection {
         }
         let sql = statement.sql.clone();
         let trimmed = sql.trim().trim_end_matches(';').trim();
-        let described = if trimmed.is_empty() || housekeeping(trimmed).is_some() {
+        let described = if let Some(Ok(Answer::Rows { schema, .. })) = show(trimmed) {
+            Described {
+                params: Vec::new(),
+                schema: Some(schema),
+            }
+        } else if trimmed.is_empty() || housekeeping(trimmed).is_some() {
             Described {
                 params: Vec::new(),
                 schema: None,
@@ -613,6 +626,7 @@ impl Connection {
                 params,
                 result_formats: wanted_formats,
                 answer: None,
+                sent: 0,
             },
         );
         message(&mut self.out, b'2', |_| {});
@@ -691,15 +705,49 @@ impl Connection {
     async fn execute(&mut self, body: &[u8]) -> Result<(), PgError> {
         let mut r = Reader::new(body);
         let name = r.cstr()?;
-        // The row limit is ignored: every row is sent at once (results are bounded by max_result_rows).
-        let _max_rows = r.i32()?;
+        // 0 (or negative): all rows; else at most this many, then PortalSuspended until the next Execute.
+        let max_rows = r.i32()?;
         let answer = self.portal_answer(&name).await?;
-        let formats = self
+        let (formats, sent) = self
             .portals
             .get(&name)
-            .map(|p| p.result_formats.clone())
+            .map(|p| (p.result_formats.clone(), p.sent))
             .unwrap_or_default();
-        self.send_answer(&answer, &formats, false)
+        let Answer::Rows { schema, batches } = &answer else {
+            return self.send_answer(&answer, &formats, false);
+        };
+        let formats = result_formats(&formats, schema.fields().len())?;
+        let total: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let limit = usize::try_from(max_rows)
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or(usize::MAX);
+        let end = sent.saturating_add(limit).min(total);
+        // Send rows [sent, end): the overlapping part of each batch.
+        let mut start = 0;
+        for batch in batches {
+            let rows = batch.num_rows();
+            let from = sent.max(start);
+            let to = end.min(start + rows);
+            if from < to {
+                types::data_rows(
+                    &mut self.out,
+                    &batch.slice(from - start, to - from),
+                    &formats,
+                )?;
+            }
+            start += rows;
+        }
+        if let Some(p) = self.portals.get_mut(&name) {
+            p.sent = end;
+        }
+        if end < total {
+            message(&mut self.out, b's', |_| {});
+        } else {
+            let count = end.saturating_sub(sent);
+            message(&mut self.out, b'C', |b| cstr(b, &format!("SELECT {count}")));
+        }
+        Ok(())
     }
 
     fn close(&mut self, body: &[u8]) -> Result<(), PgError> {
@@ -744,6 +792,59 @@ fn housekeeping(sql: &str) -> Option<&'static str> {
         "unlisten" => "UNLISTEN",
         _ => return None,
     })
+}
+
+/// The statements of a simple query string. Only a string with more than one statement is split (by DataFusion's
+/// parser, each re-rendered as SQL); any other, including one the parser cannot read, runs as sent, so catalog
+/// queries keep their exact text and errors come from the engine.
+fn split_statements(sql: &str) -> Vec<String> {
+    let trimmed = sql.trim().trim_end_matches(';').trim();
+    if trimmed.is_empty() {
+        return vec![String::new()];
+    }
+    if trimmed.contains(';')
+        && let Ok(statements) = datafusion::sql::parser::DFParser::parse_sql(trimmed)
+        && statements.len() > 1
+    {
+        return statements.iter().map(ToString::to_string).collect();
+    }
+    vec![trimmed.to_owned()]
+}
+
+/// `SHOW name` for the session parameters clients ask about (the values of the startup's ParameterStatus).
+fn show(sql: &str) -> Option<Result<Answer, PgError>> {
+    let mut words = sql.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("show") {
+        return None;
+    }
+    let name = words.next()?.to_ascii_lowercase();
+    if words.next().is_some() {
+        return None;
+    }
+    let value = match name.as_str() {
+        "server_version" => "16.0 (Damselfly)",
+        "server_encoding" | "client_encoding" => "UTF8",
+        "datestyle" => "ISO, MDY",
+        "timezone" => "UTC",
+        "integer_datetimes" | "standard_conforming_strings" => "on",
+        "transaction_isolation" | "default_transaction_isolation" => "read committed",
+        "transaction_read_only" | "default_transaction_read_only" => "on",
+        "search_path" => "public",
+        "max_identifier_length" => "63",
+        _ => return None,
+    };
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new(name, DataType::Utf8, false),
+    ]));
+    let column = Arc::new(arrow::array::StringArray::from(vec![value])) as arrow::array::ArrayRef;
+    Some(
+        RecordBatch::try_new(schema.clone(), vec![column])
+            .map(|batch| Answer::Rows {
+                schema,
+                batches: vec![batch],
+            })
+            .map_err(|e| PgError::new("XX000", e.to_string())),
+    )
 }
 
 /// Expands the format codes of a Bind (none: all text; one: all alike; else one per column).
