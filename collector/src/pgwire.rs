@@ -37,6 +37,8 @@ use crate::query::{QueryEngine, QueryError};
 pub const MAX_CONNECTIONS: usize = 512;
 /// The startup packet carries a few parameters; anything larger is not a client.
 const MAX_STARTUP_BYTES: usize = 10_000;
+/// How long a new connection has to complete its startup.
+const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Protocol 3.0.
 const PROTOCOL_3: i32 = 196_608;
 const SSL_REQUEST: i32 = 80_877_103;
@@ -222,8 +224,12 @@ impl Connection {
     }
 
     async fn run(mut self) -> Result<(), ConnError> {
-        if !self.startup().await? {
-            return Ok(());
+        // A client that connects and never finishes the startup must not hold a connection slot forever.
+        match tokio::time::timeout(STARTUP_TIMEOUT, self.startup()).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ConnError::Protocol("no startup message within 30 s".into())),
         }
         // After an error in the extended protocol, messages up to the next Sync are skipped.
         let mut skipping = false;
@@ -376,8 +382,15 @@ impl Connection {
             self.flush().await?;
             return Err(ConnError::Protocol(message));
         }
-        let mut body = vec![0; body_len];
-        self.reader.read_exact(&mut body).await?;
+        // Grows as bytes arrive: a client announcing a large message and sending nothing holds no memory.
+        let mut body = Vec::with_capacity(body_len.min(64 * 1024));
+        (&mut self.reader)
+            .take(body_len as u64)
+            .read_to_end(&mut body)
+            .await?;
+        if body.len() < body_len {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
         Ok(Some((tag, body)))
     }
 
