@@ -207,7 +207,7 @@ fn encode(
             if binary {
                 out.extend(v.to_bits().to_be_bytes());
             } else {
-                float_text(v, out);
+                float_text(v, 15, out);
             }
         }
         DataType::Timestamp(unit, _) => {
@@ -254,21 +254,36 @@ fn float4(v: f32, binary: bool, out: &mut Vec<u8>) {
     if binary {
         out.extend(v.to_bits().to_be_bytes());
     } else {
-        float_text(f64::from(v), out);
+        // The f32's own shortest digits, not those of its f64 widening (0.1f32 is not 0.1f64).
+        match v.to_string().parse::<f64>() {
+            Ok(shortest) => float_text(shortest, 6, out),
+            Err(_) => float_text(f64::from(v), 6, out),
+        }
     }
 }
 
-/// PostgreSQL's spelling of the special values; otherwise the shortest form that reads back exactly.
-fn float_text(v: f64, out: &mut Vec<u8>) {
+/// PostgreSQL's output: the shortest digits that read back exactly, in exponent form (`1e+20`, `1.5e-05`) when
+/// the decimal exponent is below -4 or at least `digits` (15 for `float8`, 6 for `float4`); `NaN`, `Infinity`.
+fn float_text(v: f64, digits: i32, out: &mut Vec<u8>) {
     use std::io::Write;
     if v.is_nan() {
         out.extend(b"NaN");
-    } else if v.is_infinite() {
+        return;
+    }
+    if v.is_infinite() {
         out.extend(if v > 0.0 {
             &b"Infinity"[..]
         } else {
             &b"-Infinity"[..]
         });
+        return;
+    }
+    let scientific = format!("{v:e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if v != 0.0 && (exponent < -4 || exponent >= digits) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        let _ = write!(out, "{mantissa}e{sign}{:02}", exponent.abs());
     } else {
         let _ = write!(out, "{v}");
     }
@@ -448,6 +463,27 @@ mod tests {
         out.clear();
         timestamptz_text(1_700_000_000_000_000, &mut out);
         assert_eq!(String::from_utf8_lossy(&out), "2023-11-14 22:13:20+00");
+    }
+
+    #[test]
+    fn floats_read_like_postgres() {
+        let text = |v: f64, digits| {
+            let mut out = Vec::new();
+            float_text(v, digits, &mut out);
+            String::from_utf8(out).unwrap_or_default()
+        };
+        assert_eq!(text(1.5, 15), "1.5");
+        assert_eq!(text(1e20, 15), "1e+20");
+        assert_eq!(text(123456789012345.0, 15), "123456789012345");
+        assert_eq!(text(1234567890123456.0, 15), "1.234567890123456e+15");
+        assert_eq!(text(0.000015, 15), "1.5e-05");
+        assert_eq!(text(0.0001, 15), "0.0001");
+        assert_eq!(text(0.0, 15), "0");
+        assert_eq!(text(-2.5e-300, 15), "-2.5e-300");
+        assert_eq!(text(f64::NEG_INFINITY, 15), "-Infinity");
+        let mut out = Vec::new();
+        float4(0.1, false, &mut out);
+        assert_eq!(out, b"0.1");
     }
 
     #[test]
