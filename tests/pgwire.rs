@@ -135,6 +135,7 @@ fn psql_queries_lists_tables_and_describes_one() {
         ["1", "1"]
     );
     assert_eq!(psql(port, "SHOW TimeZone").trim(), "UTC");
+    assert!(psql(port, "SELECT pg_catalog.version()").starts_with("PostgreSQL 16.0"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -37,6 +37,8 @@ use crate::query::{QueryEngine, QueryError};
 pub const MAX_CONNECTIONS: usize = 512;
 /// The startup packet carries a few parameters; anything larger is not a client.
 const MAX_STARTUP_BYTES: usize = 10_000;
+/// The PostgreSQL version we answer as: clients adapt their catalog queries to it (`psql` 15 and later work).
+const SERVER_VERSION: &str = "16.0 (Damselfly)";
 /// How long a new connection has to complete its startup.
 const STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Protocol 3.0.
@@ -321,7 +323,7 @@ impl Connection {
                     message(&mut self.out, b'R', |b| b.extend(0i32.to_be_bytes()));
                     let application = params.get("application_name").cloned().unwrap_or_default();
                     for (k, v) in [
-                        ("server_version", "16.0 (Damselfly)"),
+                        ("server_version", SERVER_VERSION),
                         ("server_encoding", "UTF8"),
                         ("client_encoding", "UTF8"),
                         ("DateStyle", "ISO, MDY"),
@@ -824,8 +826,32 @@ fn split_statements(sql: &str) -> Vec<String> {
     vec![trimmed.to_owned()]
 }
 
-/// `SHOW name` for the session parameters clients ask about (the values of the startup's ParameterStatus).
+/// `SHOW name` for the session parameters clients ask about (the values of the startup's ParameterStatus), and
+/// the session functions client libraries call on connect (`SELECT pg_catalog.version()`, `current_schema()`, ...:
+/// SQLAlchemy reads the server version from the first).
 fn show(sql: &str) -> Option<Result<Answer, PgError>> {
+    let normalized = sql
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase();
+    let function = normalized
+        .strip_prefix("select ")
+        .map(|f| f.strip_prefix("pg_catalog.").unwrap_or(f));
+    let (name, value) = match function {
+        Some("version()") => (
+            "version",
+            format!("PostgreSQL {SERVER_VERSION}, compatible; Damselfly on DataFusion"),
+        ),
+        Some("current_schema()" | "current_schema") => ("current_schema", "public".to_owned()),
+        Some("current_database()") => ("current_database", "damselfly".to_owned()),
+        Some("current_user" | "session_user" | "user") => ("current_user", "damselfly".to_owned()),
+        _ => return show_parameter(sql),
+    };
+    Some(one_text_value(name.to_owned(), &value))
+}
+
+fn show_parameter(sql: &str) -> Option<Result<Answer, PgError>> {
     let mut words = sql.split_whitespace();
     if !words.next()?.eq_ignore_ascii_case("show") {
         return None;
@@ -835,7 +861,7 @@ fn show(sql: &str) -> Option<Result<Answer, PgError>> {
         return None;
     }
     let value = match name.as_str() {
-        "server_version" => "16.0 (Damselfly)",
+        "server_version" => SERVER_VERSION,
         "server_encoding" | "client_encoding" => "UTF8",
         "datestyle" => "ISO, MDY",
         "timezone" => "UTC",
@@ -846,18 +872,21 @@ fn show(sql: &str) -> Option<Result<Answer, PgError>> {
         "max_identifier_length" => "63",
         _ => return None,
     };
+    Some(one_text_value(name, value))
+}
+
+/// A one-row, one-column text answer.
+fn one_text_value(name: String, value: &str) -> Result<Answer, PgError> {
     let schema = Arc::new(arrow::datatypes::Schema::new(vec![
         arrow::datatypes::Field::new(name, DataType::Utf8, false),
     ]));
     let column = Arc::new(arrow::array::StringArray::from(vec![value])) as arrow::array::ArrayRef;
-    Some(
-        RecordBatch::try_new(schema.clone(), vec![column])
-            .map(|batch| Answer::Rows {
-                schema,
-                batches: vec![batch],
-            })
-            .map_err(|e| PgError::new("XX000", e.to_string())),
-    )
+    RecordBatch::try_new(schema.clone(), vec![column])
+        .map(|batch| Answer::Rows {
+            schema,
+            batches: vec![batch],
+        })
+        .map_err(|e| PgError::new("XX000", e.to_string()))
 }
 
 /// Expands the format codes of a Bind (none: all text; one: all alike; else one per column).
