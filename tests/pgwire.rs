@@ -354,3 +354,20 @@ async fn a_query_over_the_timeout_is_cancelled_with_57014() {
     let rows = client.query("SELECT 1::BIGINT", &[]).await.unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 1);
 }
+
+#[test]
+fn damselfly_up_serves_the_pg_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = CollectorProc::start_up(&dir.path().join("data"), &["--pg", "127.0.0.1:0"]);
+    let port: u16 = up
+        .pg
+        .as_deref()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("damselfly up printed its pg: line");
+    assert_eq!(psql(port, "SELECT 40 + 2").trim(), "42");
+    // The in-process agent's first batch arrives within a few seconds; then its tables are listed.
+    common::wait_until(Duration::from_secs(30), "the agent's cpu table", || {
+        psql(port, "\\dt").contains("|cpu|table|")
+    });
+}
