@@ -201,6 +201,9 @@ async fn store_batch(
 ) -> WriteOutcome {
     let agent_id = registry.map(|_| batch.agent_id.clone());
     let outcome = store.write(batch).await;
+    store
+        .self_metrics()
+        .record_write(crate::selfmetrics::Protocol::Grpc, &outcome);
     if let (Some(registry), Some(agent_id)) = (registry, agent_id)
         && matches!(
             outcome,

@@ -77,6 +77,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .merge(crate::cluster::routes())
         .merge(crate::bench::routes())
         .merge(crate::scores::routes())
+        .merge(crate::selfmetrics::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))
@@ -361,7 +362,10 @@ async fn sql(
             "the request body is empty; send one SQL statement",
         ));
     }
-    let result = api.engine.sql(text).await?;
+    let result = api.engine.sql(text).await.inspect_err(|e| {
+        let kind = crate::selfmetrics::ErrorKind::of_query(e);
+        api.store.self_metrics().error(kind);
+    })?;
     if params.complete.unwrap_or(false) && !result.missing_shards.is_empty() {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -33,6 +33,7 @@ pub mod query;
 pub mod retention;
 pub mod rollup;
 pub mod scores;
+pub mod selfmetrics;
 pub mod server;
 pub mod shared_store;
 pub mod sqlfn;

@@ -186,6 +186,22 @@ impl Maintenance {
         self.inner.stopping.load(Ordering::SeqCst)
     }
 
+    /// Hands a pass's phase durations and error count to the self-metrics.
+    fn record_pass(&self, report: &PassReport) {
+        use crate::selfmetrics::{ErrorKind, Phase};
+        let metrics = self.inner.store.self_metrics();
+        for (phase, ms) in [
+            (Phase::Compaction, report.compaction_ms),
+            (Phase::Rollup, report.rollup_ms),
+            (Phase::Retention, report.retention_ms),
+        ] {
+            metrics.maintenance(phase, Duration::from_millis(ms));
+        }
+        for _ in &report.errors {
+            metrics.error(ErrorKind::Maintenance);
+        }
+    }
+
     async fn pass(&self) -> PassReport {
         let _guard = self.inner.pass_lock.lock().await;
         let started = Instant::now();
@@ -211,6 +227,7 @@ impl Maintenance {
             self.expire(now, &mut report);
         }
         report.retention_ms = phase.elapsed().as_millis() as u64;
+        self.record_pass(&report);
 
         tracing::info!(
             compactions = report.compactions,

@@ -662,7 +662,11 @@ impl Slot {
                 .map(|batch| async move {
                     let seq = batch.seq;
                     let agent_id = batch.agent_id.clone();
-                    (seq, agent_id, store.write(batch).await)
+                    let outcome = store.write(batch).await;
+                    store
+                        .self_metrics()
+                        .record_write(crate::selfmetrics::Protocol::Pull, &outcome);
+                    (seq, agent_id, outcome)
                 })
                 .buffered(MAX_WRITES_IN_FLIGHT)
                 .collect()

@@ -168,6 +168,7 @@ impl QueryEngine {
                 }),
             )
             .map_err(QueryError::from)?;
+        crate::selfmetrics::MetricsSchema::register(&ctx, &store);
         Ok(QueryEngine {
             ctx,
             limits,
@@ -214,6 +215,7 @@ impl QueryEngine {
                 )
                 .map_err(QueryError::from)?;
         }
+        crate::selfmetrics::MetricsSchema::register(&ctx, &self.store);
         Ok((ctx, Some(missing)))
     }
 
@@ -262,6 +264,7 @@ impl QueryEngine {
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
+        let _timer = self.store.self_metrics().query_timer();
         let (ctx, missing) = self.context()?;
         let run = async {
             let mut frame = ctx.sql_with_options(sql, options).await?;

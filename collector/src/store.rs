@@ -152,6 +152,8 @@ struct Inner {
     replayed_records: usize,
     truncated_bytes: u64,
     taps: Taps,
+    /// The collector's own metrics (`/metrics`, `damselfly.metrics`).
+    metrics: Arc<crate::selfmetrics::SelfMetrics>,
 }
 
 /// Locks the shared state. A poisoned lock means a panic elsewhere; the data is still consistent (every
@@ -267,7 +269,9 @@ impl Store {
         let (tx, rx) = mpsc::channel(4096);
         let in_progress_limit = (config.max_buffer_bytes / 4).clamp(1, Semaphore::MAX_PERMITS);
         let taps: Taps = Arc::default();
+        let metrics = Arc::new(crate::selfmetrics::SelfMetrics::default());
         let writer = Writer {
+            metrics: metrics.clone(),
             taps: taps.clone(),
             wal,
             rx,
@@ -297,12 +301,18 @@ impl Store {
                 replayed_records,
                 truncated_bytes: replay.truncated_bytes,
                 taps,
+                metrics,
             }),
         })
     }
 
     pub fn config(&self) -> &CollectorConfig {
         &self.inner.config
+    }
+
+    /// The collector's own metrics, for the hooks in the data path and for `/metrics`.
+    pub fn self_metrics(&self) -> &Arc<crate::selfmetrics::SelfMetrics> {
+        &self.inner.metrics
     }
 
     /// Runs `f` under the state lock (maintenance swaps files and reads the index with it). Keep `f` short:
@@ -494,6 +504,7 @@ impl Store {
         let _guard = self.inner.flush_lock.lock().await;
         let started = Instant::now();
         let result = self.rotate_and_persist().await;
+        self.inner.metrics.flush(started.elapsed(), result.is_ok());
         // The retry hint follows how long freeing space takes; a failing flush frees nothing for a while.
         let hint = match &result {
             Ok(_) => u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -662,6 +673,7 @@ struct Writer {
     max_bytes: usize,
     retry_hint_ms: Arc<AtomicU64>,
     taps: Taps,
+    metrics: Arc<crate::selfmetrics::SelfMetrics>,
 }
 
 /// Whether a batch carries an (agent id, seq) key: unkeyed batches ([`Store::write_unkeyed`]) are never
@@ -774,7 +786,10 @@ impl Writer {
                 .iter()
                 .map(|&i| group[i].0.encode_to_vec())
                 .collect();
-            match self.wal.append(&payloads) {
+            let started = Instant::now();
+            let appended = self.wal.append(&payloads);
+            self.metrics.wal_sync(started.elapsed());
+            match appended {
                 Ok(_) => {
                     let mut state = lock(&self.state);
                     for &i in &accepted {
@@ -796,6 +811,7 @@ impl Writer {
                     self.feed_taps(accepted.iter().map(|&i| &group[i].0));
                 }
                 Err(e) => {
+                    self.metrics.error(crate::selfmetrics::ErrorKind::Wal);
                     tracing::error!(error = %e, "WAL append failed; answering retry");
                     for &i in &accepted {
                         outcomes[i] = Some(WriteOutcome::Retry {

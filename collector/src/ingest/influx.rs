@@ -330,7 +330,10 @@ async fn write_inner(
             chunks: parsed.chunks,
             ..Default::default()
         };
-        match state.store.write_unkeyed(batch).await {
+        let outcome = state.store.write_unkeyed(batch).await;
+        let protocol = crate::selfmetrics::Protocol::Influx;
+        state.store.self_metrics().record_write(protocol, &outcome);
+        match outcome {
             WriteOutcome::Stored { .. } | WriteOutcome::Duplicate => {}
             WriteOutcome::Rejected(message) => {
                 return Err(WriteError::new(

@@ -322,7 +322,10 @@ pub async fn write_batches(store: &Store, batches: Vec<WriteBatch>) -> Result<us
     let mut stored = 0;
     let mut rejected: Option<String> = None;
     for batch in batches {
-        match store.write_unkeyed(batch).await {
+        let outcome = store.write_unkeyed(batch).await;
+        let protocol = crate::selfmetrics::Protocol::Prometheus;
+        store.self_metrics().record_write(protocol, &outcome);
+        match outcome {
             WriteOutcome::Stored { points } => stored += points,
             WriteOutcome::Duplicate => {}
             WriteOutcome::Rejected(message) => {
