@@ -415,7 +415,7 @@ impl TableBuffer {
 }
 
 /// Converts (some rows of) a validated chunk to a record batch: time, tags (dictionary-encoded), fields.
-fn chunk_to_batch(
+pub(crate) fn chunk_to_batch(
     chunk: &TableChunk,
     common_tags: &[damselfly_proto::v1::Tag],
     rows: Option<&[usize]>,

@@ -68,6 +68,10 @@ pub struct CollectorConfig {
     pub backpressure_wait_ms: u64,
     /// Largest gRPC message accepted (bytes, after decompression). Default 16 MiB.
     pub max_grpc_message_bytes: usize,
+    /// Series per table that the last-value cache keeps (the newest row of each, in memory; see docs/SQL.md,
+    /// "Latest value per series"). A table with more is not cached: its latest-value queries scan files. 0 turns
+    /// the cache off. Default 100,000.
+    pub last_value_cache_max_series: usize,
     /// Most points in one batch. Default 100,000.
     pub max_batch_points: usize,
     /// Largest SQL request body (bytes). Default 1 MiB.
@@ -150,6 +154,7 @@ impl Default for CollectorConfig {
             max_buffer_bytes: 512 << 20,
             backpressure_wait_ms: 2_000,
             max_grpc_message_bytes: 16 << 20,
+            last_value_cache_max_series: 100_000,
             max_batch_points: 100_000,
             max_sql_bytes: 1 << 20,
             max_write_bytes: 32 << 20,

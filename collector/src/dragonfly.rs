@@ -19,8 +19,8 @@
 //! Parameters, the response shape with examples, the field mapping and every difference from CB-Dragonfly are in
 //! `docs/DRAGONFLY_API.md`.
 
+use crate::model::now_nanos;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type, TimestampNanosecondType};
@@ -1041,13 +1041,6 @@ pub fn to_json(series: &MonitoringSeries, format: Format) -> serde_json::Value {
         // Serialising strings and finite floats cannot fail; keep a visible trace if it ever does.
         serde_json::json!({ "error": format!("cannot encode the series: {e}") })
     })
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// `GET /dragonfly/ns/{ns}/mcis/{mcis}/vm/{vm}/metric/{metric}/info`.

@@ -33,6 +33,7 @@
 //! `skipped_values`), and a point with a newline in a tag value, or with no field left, is dropped (counted as
 //! `unencodable`). See `docs/FORWARDING.md`.
 
+use crate::model::unix_ms_now;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write as _;
@@ -969,12 +970,6 @@ fn random_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     hasher.finish()
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What the API shows of forwarding (`GET /api/v1/forward`). Cheap to clone.

@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod lastvalue;
 pub mod maintenance;
 pub mod model;
 pub mod persist;

@@ -9,12 +9,13 @@
 //! HTTP server has stopped; after a crash, start-up recovery deletes replaced compaction inputs and superseded
 //! rollup builds, and expired partitions are simply dropped again by the next pass.
 
+use crate::model::now_nanos;
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -79,12 +80,6 @@ struct Inner {
     grace: Duration,
     failpoint: Option<(Failpoint, FailAction)>,
     stopping: AtomicBool,
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 impl Maintenance {

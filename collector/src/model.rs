@@ -21,6 +21,20 @@ pub const MAX_STRING_FIELD_BYTES: usize = 1024 * 1024;
 pub const MAX_AGENT_ID_BYTES: usize = 256;
 
 /// The Arrow type of the `time` column: nanoseconds, UTC.
+/// The wall clock in nanoseconds since the Unix epoch (0 before it, saturating far after it).
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// The wall clock in milliseconds since the Unix epoch.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub fn time_data_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
 }

@@ -15,6 +15,7 @@
 //!
 //! [`PullHandle::targets`] reports every target's health (`GET /api/v1/pull/targets`).
 
+use crate::model::unix_ms_now;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::BuildHasher;
@@ -239,12 +240,6 @@ impl PullHandle {
             f(h);
         }
     }
-}
-
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The scheduler's own view of a target.

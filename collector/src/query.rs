@@ -16,8 +16,10 @@ use std::time::Duration;
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
+use datafusion::catalog::default_table_source::{provider_as_source, source_as_provider};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
@@ -25,8 +27,10 @@ use datafusion::datasource::listing::{
 };
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Between, BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
+    Between, BinaryExpr, Distinct, DistinctOn, Expr, LogicalPlan, Operator,
+    TableProviderFilterPushDown, TableScanBuilder, TableType,
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
@@ -34,7 +38,7 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 
 use crate::catalog::{Catalog, TableSchema};
 use crate::cluster::{Cluster, MissingShard, local_snapshot};
-use crate::model::TIME_COLUMN;
+use crate::model::{ColumnKind, TIME_COLUMN};
 use crate::persist::{ParquetFile, conform};
 use crate::rollup::{self, Resolution};
 use crate::sqlfn;
@@ -114,6 +118,8 @@ pub struct QueryEngine {
     runtime: Arc<RuntimeEnv>,
     /// With other shards, each query gets its own context whose tables span every shard ([`ClusterSchema`]).
     cluster: Option<Cluster>,
+    /// Queries answered from the last-value cache ([`QueryEngine::use_last_values`]).
+    last_value_queries: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -176,6 +182,7 @@ impl QueryEngine {
             config,
             runtime,
             cluster: None,
+            last_value_queries: Arc::default(),
         })
     }
 
@@ -271,6 +278,9 @@ impl QueryEngine {
             if !params.is_empty() {
                 frame = frame.with_param_values(params)?;
             }
+            let (state, plan) = frame.into_parts();
+            let plan = self.use_last_values(plan)?;
+            let frame = datafusion::dataframe::DataFrame::new(state, plan);
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;
             let missing_shards = missing.map(|m| m.take()).unwrap_or_default();
@@ -300,6 +310,178 @@ impl QueryEngine {
     }
 }
 
+impl QueryEngine {
+    /// Queries answered from the last-value cache so far.
+    pub fn last_value_queries(&self) -> u64 {
+        self.last_value_queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Answers `DISTINCT ON (<tags>) ... ORDER BY <tags>, time DESC` from the last-value cache
+    /// ([`crate::lastvalue`]) where that gives the same rows: the `ON` expressions use only tags, and every `WHERE`
+    /// condition either uses only tags (the same for all rows of a series) or is a lower bound on `time` (the
+    /// newest row of a series passes it whenever any row does). Then the newest row per `ON` group is the newest of
+    /// its series' newest rows, so the table's scan is replaced by the cached rows and the plan is otherwise kept.
+    fn use_last_values(&self, plan: LogicalPlan) -> DfResult<LogicalPlan> {
+        let rewritten = plan.transform_down(|node| {
+            let LogicalPlan::Distinct(Distinct::On(on)) = &node else {
+                return Ok(Transformed::no(node));
+            };
+            let Some(input) = cached_input(on)? else {
+                return Ok(Transformed::no(node));
+            };
+            let node = LogicalPlan::Distinct(Distinct::On(DistinctOn::try_new(
+                on.on_expr.clone(),
+                on.select_expr.clone(),
+                on.sort_expr.clone(),
+                Arc::new(input),
+            )?));
+            self.last_value_queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Transformed::yes(node))
+        })?;
+        Ok(rewritten.data)
+    }
+
+    /// Reads, for each table that had files at start-up, the newest row of each series from them, so the
+    /// last-value cache can answer for it ([`crate::lastvalue`]). Run once, in the background, after opening.
+    pub async fn warm_last_values(&self) {
+        for table in self.store.last_values_unwarmed() {
+            let started = std::time::Instant::now();
+            let rows = match self.newest_per_series(&table).await {
+                Ok(rows) => Some(rows),
+                Err(e) => {
+                    tracing::warn!(%table, error = %e, "cannot read the newest rows for the last-value cache; \
+                        latest-value queries on this table scan its files");
+                    None
+                }
+            };
+            let series = rows
+                .as_ref()
+                .map(|r| r.iter().map(RecordBatch::num_rows).sum::<usize>());
+            self.store.last_values_warmed(&table, rows);
+            tracing::debug!(%table, ?series, elapsed_ms = started.elapsed().as_millis() as u64, "last-value cache warmed");
+        }
+    }
+
+    async fn newest_per_series(&self, table: &str) -> Result<Vec<RecordBatch>, QueryError> {
+        let schema = self
+            .store
+            .snapshot(table)
+            .map(|s| s.schema)
+            .ok_or_else(|| QueryError::Invalid(format!("no table {table:?}")))?;
+        let tags: Vec<String> = schema
+            .columns()
+            .filter(|(_, kind)| *kind == ColumnKind::Tag)
+            .map(|(name, _)| quote_ident(name))
+            .collect();
+        let table = quote_ident(table);
+        let sql = if tags.is_empty() {
+            format!("SELECT * FROM {table} ORDER BY time DESC LIMIT 1")
+        } else {
+            let tags = tags.join(", ");
+            format!("SELECT DISTINCT ON ({tags}) * FROM {table} ORDER BY {tags}, time DESC")
+        };
+        // The table is not warm yet, so this is not itself answered from the cache.
+        Ok(self.sql(&sql).await?.batches)
+    }
+}
+
+/// An identifier quoted for SQL.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The input of a `DISTINCT ON` with the table scan replaced by the last-value cache's rows, when that gives the
+/// same answer (see [`QueryEngine::use_last_values`]); `None` otherwise.
+fn cached_input(on: &DistinctOn) -> DfResult<Option<LogicalPlan>> {
+    // ORDER BY <the ON expressions>, time DESC: the newest row of each group.
+    let Some(sort) = &on.sort_expr else {
+        return Ok(None);
+    };
+    let newest_first = sort.len() == on.on_expr.len() + 1
+        && sort
+            .last()
+            .is_some_and(|s| !s.asc && matches!(&s.expr, Expr::Column(c) if c.name == TIME_COLUMN));
+    if !newest_first {
+        return Ok(None);
+    }
+    // Down to the table through filters and aliases only.
+    let mut conditions = Vec::new();
+    let mut node = on.input.as_ref();
+    let scan = loop {
+        match node {
+            LogicalPlan::Filter(filter) => {
+                conditions.extend(split_conjunction(&filter.predicate));
+                node = filter.input.as_ref();
+            }
+            LogicalPlan::SubqueryAlias(alias) => node = alias.input.as_ref(),
+            LogicalPlan::TableScan(scan) => break scan,
+            _ => return Ok(None),
+        }
+    };
+    if scan.fetch.is_some() {
+        return Ok(None);
+    }
+    conditions.extend(scan.filters.iter());
+    let Ok(provider) = source_as_provider(&scan.source) else {
+        return Ok(None);
+    };
+    let any: &dyn std::any::Any = provider.as_ref();
+    let Some(table) = any.downcast_ref::<SnapshotTable>() else {
+        return Ok(None);
+    };
+    let Some((store, name)) = &table.latest else {
+        return Ok(None);
+    };
+    let tags = table.tags();
+    let only_tags = |e: &Expr| {
+        e.column_refs()
+            .iter()
+            .all(|c| tags.contains(c.name.as_str()))
+    };
+    if !on.on_expr.iter().all(only_tags)
+        || !conditions
+            .iter()
+            .all(|c| only_tags(c) || is_time_lower_bound(c))
+    {
+        return Ok(None);
+    }
+    let schema = table.schema();
+    let rows = match store.last_rows(name, &schema) {
+        None => return Ok(None),
+        Some(Ok(rows)) => rows,
+        Some(Err(e)) => {
+            tracing::error!(table = %name, error = %e, "last-value cache rows unusable; scanning instead (a bug)");
+            return Ok(None);
+        }
+    };
+    let cached: Arc<dyn TableProvider> = Arc::new(MemTable::try_new(schema, vec![rows])?);
+    let replaced = TableScanBuilder::new(scan.table_name.clone(), provider_as_source(cached))
+        .with_projection(scan.projection.clone())
+        .with_filters(scan.filters.clone())
+        .with_fetch(scan.fetch)
+        .build()?;
+    let input = on.input.as_ref().clone().transform_up(|n| match n {
+        LogicalPlan::TableScan(_) => Ok(Transformed::yes(LogicalPlan::TableScan(replaced.clone()))),
+        other => Ok(Transformed::no(other)),
+    })?;
+    Ok(Some(input.data))
+}
+
+/// `time > x`, `time >= x`, `x < time` or `x <= time` with `x` free of columns.
+fn is_time_lower_bound(expr: &Expr) -> bool {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = expr else {
+        return false;
+    };
+    let (column, bound) = match op {
+        Operator::Gt | Operator::GtEq => (left.as_ref(), right.as_ref()),
+        Operator::Lt | Operator::LtEq => (right.as_ref(), left.as_ref()),
+        _ => return false,
+    };
+    is_time(column) && bound.column_refs().is_empty()
+}
+
 /// `datafusion.public`: one table per measurement, looked up in the store at planning time.
 #[derive(Debug)]
 struct StoreSchema {
@@ -313,10 +495,10 @@ impl SchemaProvider for StoreSchema {
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
-        Ok(self
-            .store
-            .snapshot(name)
-            .map(|snapshot| Arc::new(SnapshotTable::new(snapshot)) as Arc<dyn TableProvider>))
+        Ok(self.store.snapshot(name).map(|snapshot| {
+            Arc::new(SnapshotTable::measurement(&self.store, name, snapshot))
+                as Arc<dyn TableProvider>
+        }))
     }
 
     fn table_exist(&self, name: &str) -> bool {
@@ -444,6 +626,8 @@ fn merge_schema(catalog: &mut Catalog, table: &str, schema: &TableSchema) -> DfR
 struct SnapshotTable {
     schema: SchemaRef,
     snapshot: TableSnapshot,
+    /// Where the newest row per series can be read instead (a measurement of an unsharded collector).
+    latest: Option<(Store, String)>,
 }
 
 impl SnapshotTable {
@@ -451,7 +635,25 @@ impl SnapshotTable {
         SnapshotTable {
             schema: snapshot.schema.arrow_schema(),
             snapshot,
+            latest: None,
         }
+    }
+
+    /// A measurement whose last-value cache may answer latest-value queries.
+    fn measurement(store: &Store, name: &str, snapshot: TableSnapshot) -> SnapshotTable {
+        SnapshotTable {
+            latest: Some((store.clone(), name.to_string())),
+            ..SnapshotTable::new(snapshot)
+        }
+    }
+
+    fn tags(&self) -> BTreeSet<&str> {
+        self.snapshot
+            .schema
+            .columns()
+            .filter(|(_, kind)| *kind == ColumnKind::Tag)
+            .map(|(name, _)| name)
+            .collect()
     }
 
     /// One listing table per object store the files are in (local files, a shared bucket): DataFusion reads all
@@ -974,5 +1176,197 @@ mod tests {
                 .value(0) as usize,
             want
         );
+    }
+}
+
+#[cfg(test)]
+mod last_value_tests {
+    use super::*;
+    use crate::config::{CollectorConfig, WalSync};
+    use crate::store::WriteOutcome;
+    use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
+
+    const SECOND: i64 = 1_000_000_000;
+
+    fn config(dir: &std::path::Path) -> CollectorConfig {
+        CollectorConfig {
+            data_dir: dir.to_path_buf(),
+            wal_sync: WalSync::None,
+            ..CollectorConfig::default()
+        }
+    }
+
+    fn engine(store: &Store) -> QueryEngine {
+        let limits = QueryLimits {
+            timeout: Duration::from_secs(30),
+            memory_bytes: 256 << 20,
+            max_result_rows: 100_000,
+        };
+        QueryEngine::new(store.clone(), limits).expect("engine")
+    }
+
+    /// Host `h`, core `c`: `usage` at `time`; the `idle` field only on even seconds (a sparse column).
+    fn point(h: usize, c: usize, time: i64, usage: f64) -> Point {
+        let mut fields = vec![Field {
+            key: "usage".into(),
+            value: Some(Value::F64(usage)),
+        }];
+        if (time / SECOND) % 2 == 0 {
+            fields.push(Field {
+                key: "idle".into(),
+                value: Some(Value::I64(100 - usage as i64)),
+            });
+        }
+        Point {
+            measurement: "cpu".into(),
+            tags: vec![
+                Tag {
+                    key: "host".into(),
+                    value: format!("h{h}"),
+                },
+                Tag {
+                    key: "core".into(),
+                    value: format!("c{c}"),
+                },
+            ],
+            fields,
+            time_unix_nano: time,
+        }
+    }
+
+    async fn write(store: &Store, seq: u64, points: Vec<Point>) {
+        let outcome = store
+            .write(WriteBatch {
+                agent_id: "a".into(),
+                seq,
+                points,
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            matches!(outcome, WriteOutcome::Stored { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    /// Rows written at `base + offset` seconds, in a scrambled order (late rows included).
+    fn points(base: i64, round: i64) -> Vec<Point> {
+        let mut out = Vec::new();
+        for h in 0..3 {
+            for c in 0..2 {
+                for k in [3i64, 0, 2, 1] {
+                    let t = base + (round * 10 + k) * SECOND + (h * 2 + c) as i64 * 1_000;
+                    out.push(point(h, c, t, (round * 10 + k) as f64 + h as f64));
+                }
+            }
+        }
+        out
+    }
+
+    async fn text(engine: &QueryEngine, sql: &str) -> String {
+        let result = engine.sql(sql).await.expect("query");
+        arrow::util::pretty::pretty_format_batches(&result.batches)
+            .expect("format")
+            .to_string()
+    }
+
+    /// The same question asked so that the cache cannot answer (a condition on a field), for comparison.
+    const LATEST: &str = "SELECT DISTINCT ON (host) * FROM cpu ORDER BY host, time DESC";
+    const LATEST_SCAN: &str = "SELECT DISTINCT ON (host) * FROM cpu WHERE usage IS NULL OR usage IS NOT NULL \
+                               ORDER BY host, time DESC";
+
+    #[tokio::test]
+    async fn latest_per_series_comes_from_the_cache_and_equals_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = (crate::model::now_nanos() / SECOND - 3_600) * SECOND;
+        {
+            let store = Store::open(&config(dir.path())).expect("open");
+            write(&store, 1, points(base, 0)).await;
+            write(&store, 2, points(base, 1)).await;
+            store.flush().await.expect("flush");
+            // Late rows of an older round after the flush: they must not replace newer ones.
+            write(&store, 3, points(base, 0)).await;
+            let engine = engine(&store);
+            assert_eq!(
+                text(&engine, LATEST).await,
+                text(&engine, LATEST_SCAN).await
+            );
+            assert_eq!(engine.last_value_queries(), 1);
+        }
+        // Restarted: the newest rows are in files (round 1) and the WAL (round 0 again).
+        let store = Store::open(&config(dir.path())).expect("reopen");
+        let engine = engine(&store);
+        assert_eq!(store.last_values_unwarmed(), vec!["cpu".to_string()]);
+        let before = text(&engine, LATEST_SCAN).await;
+        assert_eq!(text(&engine, LATEST).await, before);
+        assert_eq!(engine.last_value_queries(), 0, "used before it was warm");
+        engine.warm_last_values().await;
+        assert!(store.last_values_unwarmed().is_empty());
+        assert_eq!(text(&engine, LATEST).await, before);
+        assert_eq!(engine.last_value_queries(), 1);
+        assert!(before.contains("| 13.0  |"), "{before}");
+
+        // Newer rows written since: in the buffer and the cache.
+        write(&store, 4, points(base, 2)).await;
+        let after = text(&engine, LATEST_SCAN).await;
+        assert_ne!(after, before);
+        assert_eq!(text(&engine, LATEST).await, after);
+
+        // Conditions on tags and lower bounds on time are answered from the cache, and agree with a scan.
+        let since = "to_timestamp_nanos(0) + INTERVAL '1 second'";
+        for (cached, scan) in [
+            (
+                "SELECT DISTINCT ON (host, core) host, core, usage, time FROM cpu WHERE host <> 'h1' \
+                 ORDER BY host, core, time DESC",
+                "SELECT DISTINCT ON (host, core) host, core, usage, time FROM cpu WHERE host <> 'h1' \
+                 AND usage > -1 ORDER BY host, core, time DESC",
+            ),
+            (
+                &format!(
+                    "SELECT DISTINCT ON (c.core) c.core, c.idle FROM cpu AS c WHERE c.time >= {since} \
+                     ORDER BY c.core, c.time DESC"
+                ),
+                &format!(
+                    "SELECT DISTINCT ON (c.core) c.core, c.idle FROM cpu AS c WHERE c.time >= {since} \
+                     AND c.usage > -1 ORDER BY c.core, c.time DESC"
+                ),
+            ),
+        ] {
+            let hits = engine.last_value_queries();
+            assert_eq!(
+                text(&engine, cached).await,
+                text(&engine, scan).await,
+                "{cached}"
+            );
+            assert_eq!(engine.last_value_queries(), hits + 1, "{cached}");
+        }
+        // An upper bound on time, a field in ON, or oldest-first order: not from the cache.
+        for sql in [
+            "SELECT DISTINCT ON (host) * FROM cpu WHERE time < now() ORDER BY host, time DESC",
+            "SELECT DISTINCT ON (usage) * FROM cpu ORDER BY usage, time DESC",
+            "SELECT DISTINCT ON (host) * FROM cpu ORDER BY host, time",
+        ] {
+            let hits = engine.last_value_queries();
+            engine.sql(sql).await.expect(sql);
+            assert_eq!(engine.last_value_queries(), hits, "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_table_with_too_many_series_is_not_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&CollectorConfig {
+            last_value_cache_max_series: 5,
+            ..config(dir.path())
+        })
+        .expect("open");
+        let base = (crate::model::now_nanos() / SECOND - 60) * SECOND;
+        write(&store, 1, points(base, 0)).await;
+        let engine = engine(&store);
+        assert_eq!(
+            text(&engine, LATEST).await,
+            text(&engine, LATEST_SCAN).await
+        );
+        assert_eq!(engine.last_value_queries(), 0);
     }
 }

@@ -99,6 +99,9 @@ impl Collector {
         let engine = QueryEngine::new(store.clone(), config.query_limits())
             .map_err(|e| CollectorError::Server(format!("cannot set up the query engine: {e}")))?
             .with_cluster(cluster.clone());
+        // Rows in files from before this start: read in the background, the cache is used once they are in.
+        let warming = engine.clone();
+        tokio::spawn(async move { warming.warm_last_values().await });
         let registry_config = config.clone();
         let registry = tokio::task::spawn_blocking(move || AgentRegistry::open(&registry_config))
             .await

@@ -78,6 +78,8 @@ pub struct State {
     pub files: FileIndex,
     /// Rollup tables' files and schemas (maintenance builds them; `rollup_1m`/`rollup_1h` query them).
     pub rollups: crate::rollup::Rollups,
+    /// The newest row of every series (see [`crate::lastvalue`]).
+    pub last: crate::lastvalue::LastValues,
 }
 
 impl State {
@@ -192,6 +194,14 @@ impl Store {
             }
             state.files.add(file);
         }
+        state.last = crate::lastvalue::LastValues::new(config.last_value_cache_max_series);
+        let with_files: Vec<String> = state
+            .catalog
+            .table_names()
+            .filter(|t| !state.files.files(t).is_empty())
+            .map(str::to_string)
+            .collect();
+        state.last.needs_warming(with_files);
         state.dedup = Dedup::load(&dedup_path(config))?;
         let (wal, replay) = Wal::open(
             &config.wal_dir(),
@@ -243,6 +253,7 @@ impl Store {
             if is_keyed(batch) {
                 state.dedup.insert(&batch.agent_id, batch.seq);
             }
+            state.last.observe(batch);
             let files = &state.files;
             replayed_rows += state.active.append_batch(batch, |table, time| {
                 wal_seq > files.persisted_seq(table, hour_of(time))
@@ -482,6 +493,35 @@ impl Store {
             files,
             batches,
         })
+    }
+
+    /// The last-value cache's rows of `table` (the newest row of each series, at most two per series), conformed
+    /// to `schema`, without rows retention has expired; `None` when the cache cannot answer for the table (see
+    /// [`crate::lastvalue::LastValues::rows`]).
+    pub fn last_rows(
+        &self,
+        table: &str,
+        schema: &arrow::datatypes::SchemaRef,
+    ) -> Option<std::result::Result<Vec<RecordBatch>, String>> {
+        let period = crate::retention::period_for(
+            &self.inner.config,
+            crate::retention::TableKind::Raw,
+            table,
+        );
+        let now = crate::model::now_nanos();
+        lock(&self.inner.state)
+            .last
+            .rows(table, schema, |time| period.expired(hour_of(time), now))
+    }
+
+    /// Tables whose start-up files the last-value cache has yet to read.
+    pub fn last_values_unwarmed(&self) -> Vec<String> {
+        lock(&self.inner.state).last.unwarmed()
+    }
+
+    /// Hands the last-value cache the newest row per series of `table`'s start-up files (`None`: unreadable).
+    pub fn last_values_warmed(&self, table: &str, rows: Option<Vec<RecordBatch>>) {
+        lock(&self.inner.state).last.warmed(table, rows);
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -802,6 +842,7 @@ impl Writer {
                             state.dedup.insert(&batch.agent_id, batch.seq);
                         }
                         let points = state.active.append_batch(batch, |_, _| true);
+                        state.last.observe(batch);
                         outcomes[i] = Some(WriteOutcome::Stored { points });
                     }
                     if state.active.bytes() >= self.flush_bytes {

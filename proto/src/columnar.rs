@@ -91,11 +91,29 @@ pub fn series_of(chunk: &TableChunk, row: usize) -> usize {
 /// The rows of a (validated) chunk as points: the series' tags over `common_tags` (a row's own tag wins), the
 /// present fields, the time. The inverse of [`points_to_chunks`], for consumers that want rows.
 pub fn chunk_to_points(common_tags: &[Tag], chunk: &TableChunk) -> Vec<Point> {
+    chunk_rows_to_points(common_tags, chunk, |_| true)
+}
+
+/// [`chunk_to_points`] for the rows `wanted` accepts (by row number), in row order.
+pub fn chunk_rows_to_points(
+    common_tags: &[Tag],
+    chunk: &TableChunk,
+    wanted: impl Fn(usize) -> bool,
+) -> Vec<Point> {
     let rows = chunk_rows(chunk);
     // Next value index per column (values are stored only for present rows).
     let mut cursors = vec![0usize; chunk.fields.len()];
-    let mut out = Vec::with_capacity(rows);
+    let mut out = Vec::new();
     for row in 0..rows {
+        if !wanted(row) {
+            // Skip the row's values: the cursors must still move past them.
+            for (column, cursor) in chunk.fields.iter().zip(cursors.iter_mut()) {
+                if is_present(&column.present, row) {
+                    *cursor += 1;
+                }
+            }
+            continue;
+        }
         let mut tags: Vec<Tag> = common_tags
             .iter()
             .filter(|t| !chunk.tag_keys.contains(&t.key))
