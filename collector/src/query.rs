@@ -120,6 +120,8 @@ pub struct QueryEngine {
     cluster: Option<Cluster>,
     /// Queries answered from the last-value cache ([`QueryEngine::use_last_values`]).
     last_value_queries: Arc<std::sync::atomic::AtomicU64>,
+    /// Aggregates answered partly from `rollup_1h` ([`crate::autorollup`]).
+    rollup_queries: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -183,6 +185,7 @@ impl QueryEngine {
             runtime,
             cluster: None,
             last_value_queries: Arc::default(),
+            rollup_queries: Arc::default(),
         })
     }
 
@@ -280,6 +283,9 @@ impl QueryEngine {
             }
             let (state, plan) = frame.into_parts();
             let plan = self.use_last_values(plan)?;
+            let (plan, rollups) = crate::autorollup::use_rollups(&state, plan)?;
+            self.rollup_queries
+                .fetch_add(rollups as u64, std::sync::atomic::Ordering::Relaxed);
             let frame = datafusion::dataframe::DataFrame::new(state, plan);
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let batches = frame.collect().await?;
@@ -311,6 +317,12 @@ impl QueryEngine {
 }
 
 impl QueryEngine {
+    /// Aggregates answered partly from `rollup_1h` so far ([`crate::autorollup`]).
+    pub fn rollup_queries(&self) -> u64 {
+        self.rollup_queries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Queries answered from the last-value cache so far.
     pub fn last_value_queries(&self) -> u64 {
         self.last_value_queries
@@ -623,15 +635,16 @@ fn merge_schema(catalog: &mut Catalog, table: &str, schema: &TableSchema) -> DfR
 
 /// One table at one moment: its files plus its buffered rows.
 #[derive(Debug)]
-struct SnapshotTable {
+pub(crate) struct SnapshotTable {
     schema: SchemaRef,
     snapshot: TableSnapshot,
-    /// Where the newest row per series can be read instead (a measurement of an unsharded collector).
-    latest: Option<(Store, String)>,
+    /// The store and name of a measurement of an unsharded collector, whose last-value cache and rollups may
+    /// answer for it ([`QueryEngine::use_last_values`], [`crate::autorollup`]).
+    pub(crate) latest: Option<(Store, String)>,
 }
 
 impl SnapshotTable {
-    fn new(snapshot: TableSnapshot) -> SnapshotTable {
+    pub(crate) fn new(snapshot: TableSnapshot) -> SnapshotTable {
         SnapshotTable {
             schema: snapshot.schema.arrow_schema(),
             snapshot,
@@ -647,7 +660,11 @@ impl SnapshotTable {
         }
     }
 
-    fn tags(&self) -> BTreeSet<&str> {
+    pub(crate) fn column_kind(&self, name: &str) -> Option<ColumnKind> {
+        self.snapshot.schema.get(name)
+    }
+
+    pub(crate) fn tags(&self) -> BTreeSet<&str> {
         self.snapshot
             .schema
             .columns()

@@ -1033,3 +1033,138 @@ pub fn snapshot(store: &Store, res: Resolution, table: &str) -> Option<TableSnap
         })
     })
 }
+
+/// The hourly rollup of `table` for the longest run of whole hours within `[first_hour, last_hour]` (inclusive;
+/// `None` = unbounded) in which the rollup holds exactly the stored rows: each hour's rollup was built from the
+/// partition's current files (or the hour has neither files nor rollup), and no buffered row falls in it. Returns
+/// the run `[from, to)` (hours since the epoch) and a snapshot of the rollup files of those hours; `None` when no
+/// such run holds a rollup file. Taken in one step, under the store's lock.
+pub fn covered_hours(
+    store: &Store,
+    table: &str,
+    first_hour: Option<i64>,
+    last_hour: Option<i64>,
+) -> Option<(i64, i64, TableSnapshot)> {
+    store.with_state(|s| {
+        // Hours holding buffered rows (active or frozen) are never covered.
+        let buffered = buffered_hours(s, table);
+        let set = s.rollups.set(Resolution::Hour);
+        let schema = set.catalog.table(table)?.clone();
+        let mut raw: BTreeMap<i64, Vec<Arc<ParquetFile>>> = BTreeMap::new();
+        for f in s.files.files(table) {
+            raw.entry(f.hour).or_default().push(f.clone());
+        }
+        let rolled: BTreeMap<i64, Arc<ParquetFile>> = set
+            .files
+            .files(table)
+            .iter()
+            .map(|f| (f.hour, f.clone()))
+            .collect();
+        let lo = first_hour.or_else(|| raw.keys().chain(rolled.keys()).min().copied())?;
+        let hi = last_hour.or_else(|| raw.keys().chain(rolled.keys()).max().copied())?;
+        let covered = |hour: i64| {
+            if buffered.is_some_and(|(a, b)| a <= hour && hour <= b) {
+                return false;
+            }
+            let files = raw.get(&hour).map_or(&[][..], Vec::as_slice);
+            match set.source_of(table, hour) {
+                Some(source) => source == SourceState::of(files),
+                None => files.is_empty(),
+            }
+        };
+        // The longest run with at least one rollup file (bounded by the files' hours, not by the range asked).
+        let hours: Vec<i64> = raw
+            .keys()
+            .chain(rolled.keys())
+            .copied()
+            .filter(|h| (lo..=hi).contains(h))
+            .collect::<std::collections::BTreeSet<i64>>()
+            .into_iter()
+            .collect();
+        let mut best: Option<(i64, i64, usize)> = None;
+        let mut run: Option<(i64, i64, usize)> = None;
+        let mut prev: Option<i64> = None;
+        for hour in hours {
+            // Buffered rows in the hours since the previous data hour end the run too.
+            let gap_buffered =
+                prev.is_some_and(|p| buffered.is_some_and(|(a, b)| a < hour && b > p));
+            prev = Some(hour);
+            if gap_buffered {
+                run = None;
+            }
+            if !covered(hour) {
+                run = None;
+                continue;
+            }
+            // Hours between two data hours hold nothing: they keep a run going.
+            let r = run.get_or_insert((hour, hour, 0));
+            r.1 = hour;
+            if rolled.contains_key(&hour) {
+                r.2 += 1;
+            }
+            if r.2 > 0 && best.is_none_or(|b| r.1 - r.0 > b.1 - b.0) {
+                best = Some(*r);
+            }
+        }
+        let (from, last, _) = best?;
+        // Stretch the run over the empty hours next to it, up to the range asked or the next data hour.
+        let prev_data = raw
+            .keys()
+            .chain(rolled.keys())
+            .copied()
+            .chain(buffered.map(|(_, b)| b))
+            .filter(|h| *h < from)
+            .max();
+        let next_data = raw
+            .keys()
+            .chain(rolled.keys())
+            .copied()
+            .chain(buffered.map(|(a, _)| a))
+            .filter(|h| *h > last)
+            .min();
+        let from = match (first_hour, prev_data) {
+            (Some(f), Some(p)) => f.max(p + 1),
+            (Some(f), None) => f,
+            (None, _) => from,
+        };
+        let to = match (last_hour, next_data) {
+            (Some(l), Some(n)) => l.min(n - 1),
+            (Some(l), None) => l,
+            (None, _) => last,
+        } + 1;
+        let files = rolled.range(from..to).map(|(_, f)| f.clone()).collect();
+        Some((
+            from,
+            to,
+            TableSnapshot {
+                schema,
+                files,
+                batches: Vec::new(),
+            },
+        ))
+    })
+}
+
+/// The first and last hour of `table`'s buffered rows (active and frozen), if any.
+fn buffered_hours(state: &mut crate::store::State, table: &str) -> Option<(i64, i64)> {
+    let mut range: Option<(i64, i64)> = state
+        .active
+        .table_mut(table)
+        .and_then(|t| t.time_range())
+        .map(|(a, b)| (hour_of(a), hour_of(b)));
+    for frozen in &state.frozen {
+        for batch in frozen.tables.get(table).into_iter().flatten() {
+            let Some(times) = batch
+                .column_by_name(TIME_COLUMN)
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::TimestampNanosecondType>())
+            else {
+                continue;
+            };
+            if let (Some(a), Some(b)) = (arrow::compute::min(times), arrow::compute::max(times)) {
+                let (a, b) = (hour_of(a), hour_of(b));
+                range = Some(range.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+            }
+        }
+    }
+    range
+}
