@@ -78,6 +78,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .merge(crate::bench::routes())
         .merge(crate::scores::routes())
         .merge(crate::selfmetrics::routes())
+        .merge(crate::ui::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))
         // Write bodies are larger than SQL text: the ingest routes set their own limit.
         .merge(crate::ingest::routes(max_write_bytes))

@@ -41,6 +41,7 @@ pub mod shared_store;
 pub mod sqlfn;
 pub mod store;
 pub mod subscribe;
+pub mod ui;
 pub mod wal;
 
 pub use config::CollectorConfig;

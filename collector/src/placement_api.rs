@@ -23,8 +23,8 @@ use crate::http::ApiState;
 /// Largest request body accepted.
 pub const MAX_PLACEMENT_BYTES: usize = 1 << 20;
 
-/// The embedded catalog, parsed once.
-fn catalog() -> &'static Catalog {
+/// The embedded catalog, parsed once (also the UI's region coordinates).
+pub(crate) fn catalog() -> &'static Catalog {
     static CATALOG: OnceLock<Catalog> = OnceLock::new();
     CATALOG.get_or_init(Catalog::embedded)
 }
