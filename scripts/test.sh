@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this). Works on a fresh clone: it installs what the
 # tests need (pyarrow, the independent Parquet reader; prometheus-client, the independent parser of the agent's
-# /metrics page; moto's server, a real S3-protocol server for the shared store) into a private virtualenv under
-# target/.
+# /metrics page; moto's server, a real S3-protocol server for the shared store; aiosmtpd, a real SMTP server that
+# receives alert emails) into a private virtualenv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c 'import pyarrow.parquet, pyarrow.fs, prometheus_client.parser, moto.server' 2>/dev/null; then
-  echo "==> installing pyarrow, prometheus-client and moto[server] into $VENV (independent Parquet and Prometheus text readers, an S3 server)"
+if ! "$VENV/bin/python" -c 'import pyarrow.parquet, pyarrow.fs, prometheus_client.parser, moto.server, aiosmtpd.controller' 2>/dev/null; then
+  echo "==> installing pyarrow, prometheus-client, moto[server] and aiosmtpd into $VENV (independent Parquet and Prometheus text readers, an S3 server, an SMTP server)"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'pyarrow>=17' 'prometheus-client>=0.20' 'moto[server]>=5'
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'pyarrow>=17' 'prometheus-client>=0.20' 'moto[server]>=5' 'aiosmtpd>=1.4'
 fi
 export DAMSELFLY_TEST_PYTHON="$PWD/$VENV/bin/python"
 # Real servers and clients the black-box tests start: VictoriaMetrics (a forwarding destination) and vmagent

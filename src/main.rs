@@ -4,6 +4,7 @@
 //! * `damselfly collector` — the collector alone.
 //! * `damselfly sql "SELECT ..."` — runs SQL on a collector and prints the result.
 //! * `damselfly agents` — lists the agents a collector knows, with their status.
+//! * `damselfly alerts` — lists a collector's active alerts.
 //!
 //! Exit codes: 0 success, 1 runtime failure (or a query error), 2 invalid configuration or usage.
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod alerts;
 mod bench;
 mod install;
 mod place;
@@ -65,6 +67,8 @@ enum Command {
     Sql(SqlArgs),
     /// List the agents a collector knows (registered or seen from their batches), with their status.
     Agents(AgentsArgs),
+    /// List the active alerts of a collector (pending and firing), with severity, value and silence.
+    Alerts(alerts::AlertsArgs),
     /// Benchmarks on the agents' VMs.
     Bench {
         #[command(subcommand)]
@@ -334,6 +338,7 @@ fn main() -> ExitCode {
             Command::Collector { collector } => collector_only(&collector).await,
             Command::Sql(args) => sql(args).await,
             Command::Agents(args) => agents(args).await,
+            Command::Alerts(args) => alerts::main(args).await,
             Command::Bench { command } => bench::main(command).await,
             Command::Place(args) => place::main(args),
             Command::Agent { .. } => ExitCode::FAILURE,
@@ -835,16 +840,28 @@ fn render_agents(agents: &[serde_json::Value]) -> String {
             text(&a["version"]),
         ]);
     }
-    let mut widths = [0usize; HEADER.len()];
-    for row in &rows {
+    let mut out = aligned(&rows);
+    let n = agents.len();
+    out.push_str(&format!(
+        "({n} {})\n",
+        if n == 1 { "agent" } else { "agents" }
+    ));
+    out
+}
+
+/// Rows as left-aligned columns two spaces apart (the first row is the header), one line each.
+fn aligned(rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        widths.resize(widths.len().max(row.len()), 0);
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in row.iter().zip(&widths).enumerate() {
             line.push_str(cell);
             if i + 1 < row.len() {
                 line.extend(std::iter::repeat_n(' ', w - cell.chars().count() + 2));
@@ -853,11 +870,6 @@ fn render_agents(agents: &[serde_json::Value]) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    let n = agents.len();
-    out.push_str(&format!(
-        "({n} {})\n",
-        if n == 1 { "agent" } else { "agents" }
-    ));
     out
 }
 

@@ -724,6 +724,11 @@ impl AgentRegistry {
         out
     }
 
+    /// Every agent's record (in no order): what alerting's absence rules read last-seen times from.
+    pub fn records(&self) -> Vec<AgentRecord> {
+        lock(&self.inner.state).agents.values().cloned().collect()
+    }
+
     /// One agent as of now.
     pub fn get(&self, agent_id: &str) -> Option<AgentInfo> {
         let now_ms = unix_ms_now();

@@ -133,6 +133,10 @@ pub struct CollectorConfig {
     /// Destinations that receive a copy of every stored point over the InfluxDB v2 write API (`[[forward]]`).
     /// Default: none.
     pub forward: Vec<crate::forward::ForwardConfig>,
+
+    /// Alerting (`[alerts]`: the rules file, the evaluation interval, notification retries); see
+    /// [`crate::alerts::AlertsConfig`] and docs/ALERTING.md.
+    pub alerts: crate::alerts::AlertsConfig,
 }
 
 impl Default for CollectorConfig {
@@ -178,6 +182,7 @@ impl Default for CollectorConfig {
             retention_rollup_1h_default: crate::retention::RetentionPeriod::days(730),
             retention: std::collections::BTreeMap::new(),
             forward: Vec::new(),
+            alerts: crate::alerts::AlertsConfig::default(),
         }
     }
 }
@@ -319,6 +324,7 @@ impl CollectorConfig {
             }
         }
         crate::retention::validate_keys(self)?;
+        self.alerts.validate().map_err(CollectorError::Config)?;
         Ok(())
     }
 

@@ -948,7 +948,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The delay before retry number `attempt` (1-based): `initial * 2^(attempt-1)` capped at `max`, then a random
 /// point between half of it and all of it.
-fn backoff(attempt: u64, initial: Duration, max: Duration) -> Duration {
+pub(crate) fn backoff(attempt: u64, initial: Duration, max: Duration) -> Duration {
     let exponent = attempt.saturating_sub(1).min(30) as u32;
     let full = initial.saturating_mul(1u32 << exponent).min(max);
     let half = full / 2;

@@ -60,6 +60,8 @@ pub struct ApiState {
     pub cluster: crate::cluster::Cluster,
     /// Benchmark runs asked of agents.
     pub bench: crate::bench::BenchRuns,
+    /// Alert rules, active alerts, silences and receivers.
+    pub alerts: crate::alerts::AlertManager,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
@@ -77,6 +79,7 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .merge(crate::cluster::routes())
         .merge(crate::bench::routes())
         .merge(crate::scores::routes())
+        .merge(crate::alerts::routes())
         .merge(crate::selfmetrics::routes())
         .merge(crate::ui::routes())
         .layer(DefaultBodyLimit::max(max_sql_bytes))

@@ -9,6 +9,7 @@
 //! several collectors one sharded deployment.
 
 pub mod agents;
+pub mod alerts;
 pub mod autorollup;
 pub mod bench;
 pub mod buffer;

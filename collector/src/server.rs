@@ -42,6 +42,7 @@ pub struct Collector {
     http_addr: SocketAddr,
     /// The PostgreSQL protocol listener, when `pg_addr` is set.
     pg: Option<(TcpListener, SocketAddr)>,
+    alerts: crate::alerts::AlertManager,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
@@ -108,7 +109,15 @@ impl Collector {
             .map_err(|e| {
                 CollectorError::Server(format!("loading the agent registry failed: {e}"))
             })??;
+        // A bad rules file stops the start, like any other configuration error.
+        let alerts = crate::alerts::AlertManager::open(
+            &config,
+            store.clone(),
+            engine.clone(),
+            registry.clone(),
+        )?;
         Ok(Collector {
+            alerts,
             cluster,
             store,
             engine,
@@ -241,6 +250,7 @@ impl Collector {
                 scrape: scrape_handle,
                 cluster: self.cluster.clone(),
                 bench,
+                alerts: self.alerts.clone(),
             },
             config.max_sql_bytes,
         );
@@ -269,6 +279,13 @@ impl Collector {
         let mirror = self.cluster.shared_store().cloned().map(|shared| {
             let rx = stop_rx.clone();
             tokio::spawn(async move { shared.run(stopped(rx)).await })
+        });
+
+        // Alert rules, evaluated on a schedule; their history rows go through the store like any batch.
+        let alerter = tokio::spawn({
+            let rx = stop_rx.clone();
+            let alerts = self.alerts.clone();
+            async move { alerts.run(stopped(rx)).await }
         });
 
         let flush_store = self.store.clone();
@@ -316,6 +333,10 @@ impl Collector {
         }
         if let Err(e) = scraper.await {
             tracing::error!(error = %e, "the scraper failed");
+        }
+        // Before the last flush, so the history rows of its last round are in it.
+        if let Err(e) = alerter.await {
+            tracing::error!(error = %e, "the alert evaluator failed");
         }
         // The flusher sees the stop signal and runs a last flush.
         if let Err(e) = flusher.await {
