@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{CollectorProc, http_get, http_post};
+use common::{CollectorProc, http_get, http_post, rfc3339};
 use damselfly_proto::v1::field::Value as FieldValue;
 use damselfly_proto::v1::ingest_client::IngestClient;
 use damselfly_proto::v1::{AckStatus, Field, Point, Tag, WriteBatch};
@@ -246,27 +246,6 @@ fn ok(collector: &CollectorProc, ns: &str, metric: &str, query: &str) -> (String
     let (code, body, json) = info(collector, ns, "vm-1", metric, query);
     assert_eq!(code, 200, "{metric}?{query}: {body}");
     (body, json)
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for nanoseconds since the epoch (civil-from-days, proleptic Gregorian).
-fn rfc3339(ns: i64) -> String {
-    let secs = ns.div_euclid(SECOND);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// The expected answer for samples `(time, value)` (None: no value at that time): per bucket, in time order.

@@ -395,6 +395,27 @@ pub fn now_nanos() -> i64 {
         .as_nanos() as i64
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` for nanoseconds since the epoch (civil-from-days, proleptic Gregorian).
+pub fn rfc3339(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// A free port below the kernel's ephemeral range (`ip_local_port_range`): nothing that binds port 0 or connects
 /// out (every other test, and the agent itself) can be handed it while a server is down, so it is still free when
 /// the server comes back.
