@@ -660,11 +660,25 @@ fn bad_rules_are_refused_naming_the_problem() {
     let id = silence["id"].as_str().unwrap().to_owned();
     assert_eq!(get_json(&silences)[0]["id"], id.as_str());
 
+    // The silenced alert fires (and is listed as silenced) but nothing is sent; once the silence is gone, the
+    // receiver hears of it.
+    load.set("vm1", 95.0);
+    let alerts = format!("{}/api/v1/alerts", c.http);
+    wait_until(Duration::from_secs(10), "the silenced alert", || {
+        get_json(&alerts)
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["state"] == "firing")
+    });
+    assert_eq!(get_json(&alerts)[0]["silenced"], true);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(hooks.at("/hook").is_empty(), "a silenced alert was sent");
+
     drop(load);
     let data = c.data_dir.clone();
     c.proc.terminate();
     let config = dir.path().join("collector.toml");
     let c = CollectorProc::start(&data, &["--config", config.to_str().unwrap()]);
+    let load = Load::start(&c.http, &[("vm1", 95.0)]);
     let url = format!("{}/api/v1/alerts/rules", c.http);
     let silences = format!("{}/api/v1/alerts/silences", c.http);
     assert_eq!(
@@ -675,6 +689,16 @@ fn bad_rules_are_refused_naming_the_problem() {
     assert_eq!(get_json(&silences)[0]["id"], id.as_str());
     let (code, _) = http_request("DELETE", &format!("{silences}/{id}"), &[], b"").unwrap();
     assert_eq!(code, 204);
+    wait_until(
+        Duration::from_secs(10),
+        "the notification after the silence",
+        || !hooks.at("/hook").is_empty(),
+    );
+    assert_eq!(
+        states(&hooks.at("/hook")),
+        [("firing".to_owned(), "warning".to_owned())]
+    );
+    drop(load);
     let (code, _) = http_request("DELETE", &format!("{url}/r1"), &[], b"").unwrap();
     assert_eq!(code, 204);
     let (code, _) = http_request("DELETE", &format!("{url}/r1"), &[], b"").unwrap();
@@ -770,5 +794,21 @@ receivers = ["late"]
     let status = get_json(&receivers);
     assert_eq!(status[0]["sent"], 1);
     assert_eq!(status[0]["queued"], 0);
+
+    // A restart rebuilds the firing alert from the alerts table: it is active again at once and not re-sent.
+    drop(load);
+    let data = c.data_dir.clone();
+    c.proc.terminate();
+    let config = dir.path().join("collector.toml");
+    let c = CollectorProc::start(&data, &["--config", config.to_str().unwrap()]);
+    let load = Load::start(&c.http, &[("vm1", 99.0)]);
+    wait_until(Duration::from_secs(10), "the restored alert", || {
+        get_json(&format!("{}/api/v1/alerts", c.http))
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["state"] == "firing")
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(hooks.at("/hook").len(), 1, "re-sent after the restart");
+    assert_eq!(c.count("alerts"), 1, "the restored alert fired again");
     drop(load);
 }

@@ -455,7 +455,7 @@ impl AlertManager {
         let sql = format!(
             "SELECT rule, group_key, last_value(to_state ORDER BY time) AS state, \
              last_value(severity ORDER BY time) AS severity, last_value(value ORDER BY time) AS value, \
-             CAST(max(time) AS BIGINT) AS t FROM {HISTORY_TABLE} WHERE time >= to_timestamp_nanos({since}) \
+             CAST(max(time) AS BIGINT) AS t, last_value(silenced ORDER BY time) AS silenced FROM {HISTORY_TABLE} WHERE time >= to_timestamp_nanos({since}) \
              GROUP BY rule, group_key"
         );
         if !self
@@ -502,6 +502,11 @@ impl AlertManager {
                 .as_any()
                 .downcast_ref::<arrow::array::Int64Array>()
                 .cloned();
+            let silenced = batch
+                .column(6)
+                .as_any()
+                .downcast_ref::<arrow::array::BooleanArray>()
+                .cloned();
             for row in 0..batch.num_rows() {
                 use arrow::array::Array;
                 let phase = match state.value(row) {
@@ -538,8 +543,13 @@ impl AlertManager {
                         },
                         value,
                         threshold: compiled.levels.shown_threshold(severity),
-                        // Receivers were told before the restart; the repeat interval runs from then.
-                        notified: (phase == Phase::Firing).then_some(severity),
+                        // Receivers were told before the restart (unless a silence held it back, then they are
+                        // told now if the silence is gone); the repeat interval runs from then.
+                        notified: (phase == Phase::Firing
+                            && !silenced
+                                .as_ref()
+                                .is_some_and(|s| !s.is_null(row) && s.value(row)))
+                        .then_some(severity),
                         last_notified_ms: since_ms,
                     },
                 );
@@ -815,6 +825,7 @@ impl AlertManager {
         history: &mut Vec<Point>,
         outbox: &mut Vec<(Vec<String>, Notification)>,
     ) {
+        let silenced = silences.iter().any(|s| s.matches(&rule.rule.name, labels));
         if let Some(change) = change {
             let in_state_ms = previous.map_or(0, |p| now_ms.saturating_sub(p.current.since_ms));
             history.push(history_row(
@@ -824,11 +835,10 @@ impl AlertManager {
                 &change,
                 value,
                 threshold,
-                in_state_ms,
-                now_ms,
+                (in_state_ms, now_ms),
+                silenced,
             ));
         }
-        let silenced = silences.iter().any(|s| s.matches(&rule.rule.name, labels));
         let notification =
             |status: &str,
              severity: Severity,
@@ -1241,8 +1251,8 @@ fn history_row(
     change: &eval::Change,
     value: Option<f64>,
     threshold: Option<f64>,
-    in_state_ms: u64,
-    now_ms: u64,
+    (in_state_ms, now_ms): (u64, u64),
+    silenced: bool,
 ) -> Point {
     let kind = match rule.rule.kind {
         RuleKind::Threshold => "threshold",
@@ -1270,10 +1280,18 @@ fn history_row(
             });
         }
     }
-    let mut fields = vec![Field {
-        key: "in_state_secs".into(),
-        value: Some(Value::F64(in_state_ms as f64 / 1000.0)),
-    }];
+    let mut fields = vec![
+        Field {
+            key: "in_state_secs".into(),
+            value: Some(Value::F64(in_state_ms as f64 / 1000.0)),
+        },
+        // Whether a silence held the notification back: a restart must not take a silenced alert for one the
+        // receivers know of.
+        Field {
+            key: "silenced".into(),
+            value: Some(Value::Bool(silenced)),
+        },
+    ];
     if let Some(v) = value.filter(|v| v.is_finite()) {
         fields.push(Field {
             key: "value".into(),
