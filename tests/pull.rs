@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{CollectorProc, agent_bin, http_get, wait_until};
+use common::{CollectorProc, agent_bin, http_get, parse_exposition, wait_until};
 use serde_json::Value;
 
 const MEASUREMENTS: [&str; 5] = ["cpu", "mem", "disk", "net", "system"];
@@ -104,61 +104,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The interpreter with `prometheus_client` (installed by `scripts/test.sh`).
-fn python_with_prometheus_client() -> String {
-    let python = std::env::var("DAMSELFLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import prometheus_client.parser"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import prometheus_client: run the suite with `bash scripts/test.sh`, which installs it (or \
-         set DAMSELFLY_TEST_PYTHON to an interpreter that has it)"
-    );
-    python
-}
-
-/// Parses a Prometheus text exposition with `prometheus_client`'s parser; returns `{family: {type, samples:
-/// [[name, labels, value-as-text]]}}`. Panics if the parser rejects the text.
-fn parse_exposition(text: &str) -> serde_json::Map<String, Value> {
-    use std::io::Write;
-    const SCRIPT: &str = r#"
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = {}
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    if fam.name in out:
-        raise SystemExit("family %s appears twice" % fam.name)
-    out[fam.name] = {"type": fam.type,
-                     "samples": [[s.name, s.labels, repr(float(s.value))] for s in fam.samples]}
-print(json.dumps(out))
-"#;
-    let mut child = Command::new(python_with_prometheus_client())
-        .args(["-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "prometheus_client rejected /metrics: {}\n--- text ---\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice::<Value>(&out.stdout).unwrap() {
-        Value::Object(m) => m,
-        other => panic!("unexpected parser output {other}"),
-    }
 }
 
 fn get_json(url: &str) -> Value {

@@ -1,6 +1,8 @@
 //! The HTTP API: health and SQL.
 //!
 //! * `GET /health` — `200` with the store's counters as JSON.
+//! * `GET /` — the web UI ([`crate::ui`]); `GET /metrics` — the collector's own metrics in Prometheus text format
+//!   ([`crate::selfmetrics`]).
 //! * `GET /api/v1/agents` — the agent registry: a JSON array of agents sorted by `agent_id` (see
 //!   [`crate::agents::AgentInfo`]), each with its `status` and `last_seen_secs_ago`; `?status=healthy|stale|down|
 //!   unregistered` keeps only those (another value is a `400`). With shards it covers every shard's registry (each

@@ -563,7 +563,7 @@ function resultChart(rows) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Alerts (another component; shown when the collector has it)
+// Active alerts (GET /api/v1/alerts; a collector without alerting answers 404)
 
 async function viewAlerts(token) {
   setView("alerts");
@@ -574,8 +574,19 @@ async function viewAlerts(token) {
     const el = document.getElementById("alerts");
     if (res.status === 404) { el.innerHTML = `<p class="muted" id="alerts-disabled">alerting not enabled on this collector</p>`; return; }
     if (!res.ok) { el.innerHTML = `<p class="error">${esc(errorText(res))}</p>`; return; }
-    const list = Array.isArray(res.body) ? res.body : (res.body && Array.isArray(res.body.alerts) ? res.body.alerts : []);
-    el.innerHTML = list.length ? resultTable(list, 1000) : `<p class="muted">No active alerts.</p>`;
+    const list = Array.isArray(res.body) ? res.body : [];
+    if (list.length === 0) { el.innerHTML = `<p class="muted" id="alerts-none">No active alerts.</p>`; return; }
+    // Firing first, then by severity and rule.
+    const sev = { critical: 0, warning: 1, info: 2 };
+    list.sort((a, b) => (a.state === b.state ? 0 : a.state === "firing" ? -1 : 1) ||
+      ((sev[a.severity] ?? 9) - (sev[b.severity] ?? 9)) || String(a.rule).localeCompare(String(b.rule)));
+    el.innerHTML = `<table id="alerts-table"><thead><tr><th>State</th><th>Severity</th><th>Rule</th><th>Group</th>` +
+      `<th>Value</th><th>Threshold</th><th>Since</th><th>Summary</th></tr></thead><tbody>` +
+      list.map(a => `<tr><td>${esc(a.state)}${a.silenced ? " (silenced)" : ""}</td>` +
+        `<td><span class="pill sev-${esc(a.severity)}">${esc(a.severity)}</span></td><td>${esc(a.rule)}</td>` +
+        `<td>${esc(Object.entries(a.group || {}).map(([k, v]) => k + "=" + v).join(" "))}</td>` +
+        `<td class="num">${fmtNum(a.value, 2)}</td><td class="num">${fmtNum(a.threshold, 2)}</td>` +
+        `<td>${esc(a.since)}</td><td>${esc(a.summary)}</td></tr>`).join("") + `</tbody></table>`;
   };
   await load();
   every(REFRESH_MS, load);
