@@ -26,10 +26,27 @@ function sqlStr(s) {
   return "'" + String(s).replace(/'/g, "''") + "'";
 }
 
+// With auth on (collector `[auth]`), every API request carries a token; the page itself needs none. The token stays
+// in this browser's localStorage and is sent only to this collector, as `Authorization: Bearer`.
+const TOKEN_KEY = "damselfly.token";
+let sessionToken = "";   // where the token lives when the browser refuses localStorage
+function token() {
+  try { return localStorage.getItem(TOKEN_KEY) || sessionToken; } catch (e) { return sessionToken; }
+}
+
+function showTokenBar(why) {
+  document.getElementById("token-why").textContent = why;
+  document.getElementById("token-bar").hidden = false;
+}
+
 /// GET or POST, answering {ok, status, body} and never throwing: a failed request is shown, not logged.
 async function api(path, options) {
+  options = Object.assign({}, options);
+  const t = token();
+  if (t) options.headers = Object.assign({}, options.headers, { Authorization: "Bearer " + t });
   try {
     const r = await fetch(path, options);
+    if (r.status === 401) showTokenBar(t ? "The collector refused this token; paste another." : "This collector asks for an API token.");
     const text = await r.text();
     let body = text;
     if ((r.headers.get("content-type") || "").includes("json")) {
@@ -671,6 +688,27 @@ function route() {
   }
 }
 
+document.getElementById("token-toggle").addEventListener("click", e => {
+  e.preventDefault();
+  const bar = document.getElementById("token-bar");
+  if (bar.hidden) showTokenBar(token() ? "A token is set for this collector." : "No token is set."); else bar.hidden = true;
+});
+document.getElementById("token-bar").addEventListener("submit", e => {
+  e.preventDefault();
+  const v = document.getElementById("token-input").value.trim();
+  sessionToken = v;
+  try { localStorage.setItem(TOKEN_KEY, v); } catch (err) { /* storage refused: kept for this page only */ }
+  document.getElementById("token-input").value = "";
+  document.getElementById("token-bar").hidden = true;
+  route();
+  badge();
+});
+document.getElementById("token-clear").addEventListener("click", () => {
+  sessionToken = "";
+  try { localStorage.removeItem(TOKEN_KEY); } catch (err) { /* nothing stored */ }
+  document.getElementById("token-bar").hidden = true;
+  route();
+});
 window.addEventListener("hashchange", route);
 route();
 badge();
