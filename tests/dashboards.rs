@@ -12,9 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{CollectorProc, now_nanos, rfc3339, wait_until};
+use common::{CollectorProc, now_nanos, pg_connect, rfc3339, wait_until};
 use serde_json::Value;
-use tokio_postgres::NoTls;
 use tokio_postgres::types::Type;
 
 const DASHBOARDS: [&str; 3] = [
@@ -165,13 +164,7 @@ fn every_query_runs_against_a_live_collector() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port={port} user=grafana dbname=damselfly"),
-            NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+        let client = pg_connect(port).await;
         let mut ran = 0;
         for name in DASHBOARDS {
             let d = load(name);

@@ -11,9 +11,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{CollectorProc, http_post};
+use common::{CollectorProc, http_post, pg_connect};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
 
 /// 2023-11-14T22:13:20Z in nanoseconds.
 const T0: i64 = 1_700_000_000_000_000_000;
@@ -59,17 +58,6 @@ fn psql(port: u16, command: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-async fn connect(port: u16) -> Client {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=grafana dbname=metrics"),
-        NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
-    client
 }
 
 #[test]
@@ -142,7 +130,7 @@ fn psql_queries_lists_tables_and_describes_one() {
 async fn driver_prepared_statements_return_typed_rows() {
     let dir = tempfile::tempdir().unwrap();
     let (_collector, port) = tokio::task::block_in_place(|| start(&dir));
-    let client = connect(port).await;
+    let client = pg_connect(port).await;
 
     let statement = client
         .prepare("SELECT time, host, usage, n, ok FROM cpu WHERE usage > $1 ORDER BY time")
@@ -218,8 +206,8 @@ async fn driver_prepared_statements_return_typed_rows() {
 async fn errors_carry_sqlstates_and_connections_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let (_collector, port) = tokio::task::block_in_place(|| start(&dir));
-    let first = connect(port).await;
-    let second = connect(port).await;
+    let first = pg_connect(port).await;
+    let second = pg_connect(port).await;
 
     let code = |e: tokio_postgres::Error| e.code().cloned();
     let err = first.query("SELEC 1", &[]).await.unwrap_err();
@@ -244,7 +232,7 @@ async fn errors_carry_sqlstates_and_connections_keep_working() {
     let mut tasks = Vec::new();
     for i in 0..24i64 {
         tasks.push(tokio::spawn(async move {
-            let client = connect(port).await;
+            let client = pg_connect(port).await;
             let rows = client
                 .query("SELECT count(*) FROM cpu WHERE n >= $1", &[&(3 + i % 3)])
                 .await
@@ -281,7 +269,7 @@ fn startup() -> Vec<u8> {
 async fn malformed_messages_get_an_error_and_others_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let (_collector, port) = tokio::task::block_in_place(|| start(&dir));
-    let bystander = connect(port).await;
+    let bystander = pg_connect(port).await;
 
     let (garbage, oversized, unknown, truncated) = tokio::task::spawn_blocking(move || {
         // Not PostgreSQL at all.
@@ -322,7 +310,7 @@ async fn malformed_messages_get_an_error_and_others_keep_working() {
         .await
         .unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 3);
-    let fresh = connect(port).await;
+    let fresh = pg_connect(port).await;
     let rows = fresh.query("SELECT count(*) FROM mem", &[]).await.unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 1);
 }
@@ -344,7 +332,7 @@ async fn a_query_over_the_timeout_is_cancelled_with_57014() {
         .and_then(|a| a.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap();
-    let client = connect(port).await;
+    let client = pg_connect(port).await;
     let err = client
         .query("SELECT count(*) FROM generate_series(1, 100000000000)", &[])
         .await

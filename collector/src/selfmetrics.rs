@@ -419,27 +419,36 @@ impl SelfMetrics {
             &self.queries,
             &[],
         ));
-        let one = |name: &'static str, v: f64| vec![Sample::new(name.to_string(), vec![], v)];
-        out.push(gauge(
-            "damselfly_buffer_bytes",
-            "Bytes of rows in memory not yet in Parquet (active and frozen).",
-            one("damselfly_buffer_bytes", stats.buffered_bytes as f64),
-        ));
-        out.push(gauge(
-            "damselfly_buffer_rows",
-            "Rows in memory not yet in Parquet.",
-            one("damselfly_buffer_rows", stats.buffered_rows as f64),
-        ));
-        out.push(gauge(
-            "damselfly_parquet_files",
-            "Parquet files of the measurement tables.",
-            one("damselfly_parquet_files", stats.parquet_files as f64),
-        ));
-        out.push(gauge(
-            "damselfly_tables",
-            "Measurement tables.",
-            one("damselfly_tables", stats.tables as f64),
-        ));
+        for (name, help, value) in [
+            (
+                "damselfly_buffer_bytes",
+                "Bytes of rows in memory not yet in Parquet (active and frozen).",
+                stats.buffered_bytes as f64,
+            ),
+            (
+                "damselfly_buffer_rows",
+                "Rows in memory not yet in Parquet.",
+                stats.buffered_rows as f64,
+            ),
+            (
+                "damselfly_parquet_files",
+                "Parquet files of the measurement tables.",
+                stats.parquet_files as f64,
+            ),
+            (
+                "damselfly_tables",
+                "Measurement tables.",
+                stats.tables as f64,
+            ),
+            (
+                "damselfly_uptime_seconds",
+                "Seconds since the store was opened.",
+                self.started.elapsed().as_secs_f64(),
+            ),
+        ] {
+            let samples = vec![Sample::new(name.to_string(), vec![], value)];
+            out.push(gauge(name, help, samples));
+        }
         out.push(gauge(
             "damselfly_agents",
             "Agents in the registry, by status.",
@@ -453,14 +462,6 @@ impl SelfMetrics {
                     )
                 })
                 .collect(),
-        ));
-        out.push(gauge(
-            "damselfly_uptime_seconds",
-            "Seconds since the store was opened.",
-            one(
-                "damselfly_uptime_seconds",
-                self.started.elapsed().as_secs_f64(),
-            ),
         ));
         out
     }

@@ -442,6 +442,19 @@ print(json.dumps(out))
     }
 }
 
+/// A `tokio-postgres` client on the collector's pg port (`--pg`), its connection driven by a spawned task (call
+/// inside a tokio runtime).
+pub async fn pg_connect(port: u16) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=grafana dbname=metrics"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// Now, in nanoseconds since the epoch.
 pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
