@@ -52,11 +52,7 @@ pub async fn main(args: AlertsArgs) -> ExitCode {
 
 async fn run(args: &AlertsArgs) -> Result<String, String> {
     let base = args.url.trim_end_matches('/');
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.timeout))
-        .no_proxy()
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let client = crate::api_client(Duration::from_secs(args.timeout))?;
     let response = client
         .get(format!("{base}/api/v1/alerts"))
         .send()

@@ -95,11 +95,7 @@ async fn send(request: reqwest::RequestBuilder) -> Result<(u16, Body), String> {
 /// Runs the benchmarks; `Ok(true)` when every agent finished them.
 async fn run(args: &RunArgs) -> Result<bool, String> {
     let base = args.url.trim_end_matches('/');
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = crate::api_client(Duration::from_secs(60))?;
     let mut request = serde_json::json!({
         "ns": args.ns,
         "mcis": args.mcis,

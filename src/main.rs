@@ -17,6 +17,7 @@ mod alerts;
 mod bench;
 mod install;
 mod place;
+mod tokens;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use damselfly_agent::AgentConfig;
@@ -76,6 +77,11 @@ enum Command {
     },
     /// Rank where to place each group of an MCIS (Damselfly request or Tumblebug's mcisRecommendVm body).
     Place(place::PlaceArgs),
+    /// Manage the collector's API and agent tokens (when `auth` is on).
+    Tokens {
+        #[command(subcommand)]
+        command: tokens::TokensCommand,
+    },
     /// Manage agents on VMs.
     Agent {
         #[command(subcommand)]
@@ -174,6 +180,12 @@ struct CollectorArgs {
     /// The shared store: the directory all shards write their Parquet files to (each under shard=<id>/).
     #[arg(long, value_name = "DIR")]
     shared_dir: Option<PathBuf>,
+    /// Require a token on every request (see `damselfly tokens` and SECURITY.md).
+    #[arg(long)]
+    auth: bool,
+    /// Allow listening on a non-loopback address without auth (a warning is logged).
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -215,6 +227,8 @@ impl CollectorArgs {
         if let Some(v) = &self.shared_dir {
             c.shared_dir = Some(v.clone());
         }
+        c.auth |= self.auth;
+        c.insecure |= self.insecure;
         if let Some(v) = self.wal_sync {
             c.wal_sync = match v {
                 WalSyncArg::Fsync => WalSync::Fsync,
@@ -224,6 +238,58 @@ impl CollectorArgs {
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
     }
+}
+
+/// The HTTP client the CLI's commands talk to a collector with: no proxy (collectors are reached directly), a
+/// whole-request `timeout`, and the token in `DAMSELFLY_TOKEN` (if set) as `Authorization: Bearer`.
+pub(crate) fn api_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(token) = std::env::var("DAMSELFLY_TOKEN")
+        && !token.trim().is_empty()
+    {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| "DAMSELFLY_TOKEN is not a valid token".to_string())?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .default_headers(headers)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// The local agent's token when `up` runs with auth: kept in `<data_dir>/agent/token` (owner-only) and reused
+/// while the collector still accepts it; otherwise a new agent token of `ns` is created.
+fn local_agent_token(config: &CollectorConfig, ns: &str) -> Result<String, String> {
+    use damselfly_collector::auth::{Role, Tokens};
+    let tokens = Tokens::new(config.tokens_path());
+    let path = config.data_dir.join("agent").join("token");
+    if let Ok(saved) = std::fs::read_to_string(&path)
+        && tokens.authenticate(saved.trim()).is_ok()
+    {
+        return Ok(saved.trim().to_string());
+    }
+    let (_, token) = tokens
+        .create(
+            "local agent (damselfly up)",
+            Role::Agent,
+            vec![ns.to_string()],
+        )
+        .map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    damselfly_collector::fsutil::write_atomically(&path, token.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(token)
 }
 
 #[derive(Debug, Args)]
@@ -341,6 +407,7 @@ fn main() -> ExitCode {
             Command::Alerts(args) => alerts::main(args).await,
             Command::Bench { command } => bench::main(command).await,
             Command::Place(args) => place::main(args),
+            Command::Tokens { command } => tokens::main(command),
             Command::Agent { .. } => ExitCode::FAILURE,
         }
     })
@@ -417,12 +484,22 @@ async fn run_with_local_agent(
     let Some(first) = collectors.first() else {
         return ExitCode::FAILURE;
     };
-    let agent_config = AgentConfig {
+    let mut agent_config = AgentConfig {
         collector: Some(format!("http://{}", first.grpc_addr())),
         interval,
         state_dir: Some(data_dir.join("agent")),
         ..AgentConfig::default()
     };
+    let config = first.store().config();
+    if config.auth {
+        match local_agent_token(config, &agent_config.ns_id) {
+            Ok(token) => agent_config.token = Some(token),
+            Err(e) => {
+                eprintln!("damselfly: cannot make the local agent's token: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     if let Err(e) = agent_config.validate() {
         eprintln!("damselfly: {e}");
         return ExitCode::from(2);
@@ -650,11 +727,7 @@ async fn run_sql(args: &SqlArgs) -> Result<(), SqlFailure> {
     };
     let base = args.url.trim_end_matches('/');
     let url = format!("{base}/api/v1/sql?format={wire}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.timeout))
-        .no_proxy()
-        .build()
-        .map_err(|e| failure(1)(format!("cannot build the HTTP client: {e}")))?;
+    let client = api_client(Duration::from_secs(args.timeout)).map_err(failure(1))?;
     let response = client
         .post(&url)
         .header("content-type", "text/plain; charset=utf-8")
@@ -743,11 +816,7 @@ async fn run_agents(args: &AgentsArgs) -> Result<(), SqlFailure> {
         url.push_str("?status=");
         url.push_str(status);
     }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.timeout))
-        .no_proxy()
-        .build()
-        .map_err(|e| failure(1)(format!("cannot build the HTTP client: {e}")))?;
+    let client = api_client(Duration::from_secs(args.timeout)).map_err(failure(1))?;
     let response = client.get(&url).send().await.map_err(|e| {
         failure(1)(format!(
             "cannot reach the collector at {base}: {e} (is `damselfly up` running?)"

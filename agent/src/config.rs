@@ -100,6 +100,10 @@ pub struct AgentConfig {
     /// A benchmark run the collector asks for is refused when the 1-minute load average per core, in percent, is
     /// above this, unless the run is forced. Default 50 (a load average of half the cores).
     pub bench_max_load_percent: u32,
+    /// The agent token for a collector with `auth` on (`damselfly tokens create --role agent --ns <ns_id>`), sent
+    /// as `authorization: Bearer <token>` on every gRPC call. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -132,6 +136,7 @@ impl Default for AgentConfig {
             max_pending_batches: 1000,
             spec: String::new(),
             bench_max_load_percent: 50,
+            token: None,
         }
     }
 }
@@ -231,6 +236,14 @@ impl AgentConfig {
             if tonic::transport::Endpoint::from_shared(collector.clone()).is_err() {
                 return invalid("collector", format!("is not a valid URL: {collector:?}"));
             }
+        }
+        if let Some(token) = &self.token
+            && crate::credentials::bearer(token).is_none()
+        {
+            return invalid(
+                "token",
+                "is not a token (printable ASCII, no spaces: as `damselfly tokens create` prints it)".to_owned(),
+            );
         }
         if let Some(addr) = &self.advertise_addr {
             if self.listen.is_none() {

@@ -16,6 +16,7 @@ pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod control;
+pub mod credentials;
 pub mod probes;
 pub mod push;
 pub mod queue;
@@ -372,7 +373,10 @@ pub async fn run(
         };
         let mut stop = stop_rx.clone();
         side_tasks.push(tokio::spawn(register::run_following_with(
-            register::RegisterSettings::default(),
+            register::RegisterSettings {
+                token: config.token.clone(),
+                ..register::RegisterSettings::default()
+            },
             target,
             request,
             status,

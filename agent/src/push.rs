@@ -87,6 +87,8 @@ pub struct PushSettings {
     pub shard_backoff_max: Duration,
     /// How often the shard map is fetched again.
     pub map_refresh: Duration,
+    /// The agent token sent with each call ([`crate::credentials`]).
+    pub token: Option<String>,
 }
 
 impl PushSettings {
@@ -104,6 +106,7 @@ impl PushSettings {
             shard_backoff_initial: Duration::from_secs(1),
             shard_backoff_max: Duration::from_secs(30),
             map_refresh: Duration::from_secs(60),
+            token: config.token.clone(),
         }
     }
 }
@@ -354,9 +357,14 @@ enum AckOutcome {
 type MapFetch = Pin<Box<dyn Future<Output = Result<ShardMap, String>> + Send>>;
 
 /// Asks `channel`'s shard for the shard map, within `timeout`.
-async fn fetch_map(channel: Channel, timeout: Duration) -> Result<ShardMap, String> {
+async fn fetch_map(
+    channel: Channel,
+    timeout: Duration,
+    token: Option<String>,
+) -> Result<ShardMap, String> {
     let mut client = ShardsClient::new(channel);
-    match tokio::time::timeout(timeout, client.get_shard_map(ShardMapRequest {})).await {
+    let request = crate::credentials::authorized(ShardMapRequest {}, token.as_deref());
+    match tokio::time::timeout(timeout, client.get_shard_map(request)).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
         Ok(Err(status)) => Err(status_text(&status)),
         Err(_) => Err(format!("no answer within {timeout:?}")),
@@ -617,7 +625,12 @@ impl Pusher {
         if !self.shards.due(Instant::now(), self.settings.map_refresh) {
             return Verdict::Keep;
         }
-        let result = fetch_map(channel.clone(), self.settings.connect_timeout).await;
+        let result = fetch_map(
+            channel.clone(),
+            self.settings.connect_timeout,
+            self.settings.token.clone(),
+        )
+        .await;
         self.shards.fetched(result, target, Instant::now());
         self.verdict(target)
     }
@@ -700,6 +713,7 @@ impl Pusher {
             return SessionEnd::Failed(reason);
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        crate::credentials::authorize(&mut request, self.settings.token.as_deref());
         if let Some(down) = self.unreachable_header(&target) {
             request
                 .metadata_mut()
@@ -803,7 +817,7 @@ impl Pusher {
                     tx = None;
                 }
                 () = tokio::time::sleep_until(refresh_at), if map_fetch.is_none() && leaving.is_none() => {
-                    map_fetch = Some(Box::pin(fetch_map(channel.clone(), self.settings.connect_timeout)));
+                    map_fetch = Some(Box::pin(fetch_map(channel.clone(), self.settings.connect_timeout, self.settings.token.clone())));
                 }
                 r = async {
                     match map_fetch.as_mut() {

@@ -29,6 +29,7 @@ fn settings(addr: SocketAddr) -> PushSettings {
         shard_backoff_initial: Duration::from_millis(100),
         shard_backoff_max: Duration::from_millis(400),
         map_refresh: Duration::from_secs(60),
+        token: None,
     }
 }
 

@@ -61,6 +61,8 @@ pub struct RegisterSettings {
     /// Bounds of the heartbeat interval the collector may ask for.
     pub min_heartbeat: Duration,
     pub max_heartbeat: Duration,
+    /// The agent token sent with each call ([`crate::credentials`]).
+    pub token: Option<String>,
 }
 
 impl Default for RegisterSettings {
@@ -76,6 +78,7 @@ impl Default for RegisterSettings {
             default_heartbeat: Duration::from_secs(10),
             min_heartbeat: Duration::from_millis(100),
             max_heartbeat: Duration::from_secs(3600),
+            token: None,
         }
     }
 }
@@ -294,7 +297,9 @@ async fn register_and_beat(
         let mut attempt = 0u64;
         let interval = loop {
             attempt += 1;
-            let delay = match client.register(request.clone()).await {
+            let token = settings.token.as_deref();
+            let call = crate::credentials::authorized(request.clone(), token);
+            let delay = match client.register(call).await {
                 Ok(response) => {
                     backoff.reset();
                     break settings.heartbeat_interval(response.into_inner().heartbeat_interval_ms);
@@ -342,6 +347,7 @@ async fn register_and_beat(
                 uptime_secs: started.elapsed().as_secs(),
                 bench: control.map(|c| c.report()).unwrap_or_default(),
             };
+            let heartbeat = crate::credentials::authorized(heartbeat, settings.token.as_deref());
             match client.heartbeat(heartbeat).await {
                 Ok(response) if response.get_ref().registered => {
                     if let Some(control) = control {

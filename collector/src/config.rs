@@ -32,6 +32,14 @@ pub struct CollectorConfig {
     /// PostgreSQL wire protocol address (see [`crate::pgwire`]): `psql`, drivers and BI tools run SQL there.
     /// Default: none (off); port 0 picks a free port.
     pub pg_addr: Option<SocketAddr>,
+    /// Require a token on every request (see [`crate::auth`] and SECURITY.md): HTTP `Authorization: Bearer`,
+    /// gRPC `authorization` metadata, the PostgreSQL password. Default false (a collector on loopback).
+    pub auth: bool,
+    /// The token file `damselfly tokens` edits. Default `<data_dir>/tokens.json`.
+    pub tokens_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address with `auth` off (refused otherwise; a warning is logged).
+    /// Default false.
+    pub insecure: bool,
     /// This shard's id; it prefixes every file the shard writes and names its directory in the shared store.
     /// Default `s0`.
     pub shard_id: String,
@@ -146,6 +154,9 @@ impl Default for CollectorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8086)),
             pg_addr: None,
+            auth: false,
+            tokens_file: None,
+            insecure: false,
             shard_id: "s0".to_string(),
             shards: Vec::new(),
             shards_file: None,
@@ -189,8 +200,27 @@ impl Default for CollectorConfig {
 
 impl CollectorConfig {
     /// Checks every value and says which one is wrong and why.
+    /// Addresses this collector listens on that other hosts can reach.
+    pub fn exposed_addrs(&self) -> Vec<SocketAddr> {
+        [Some(self.grpc_addr), Some(self.http_addr), self.pg_addr]
+            .into_iter()
+            .flatten()
+            .filter(|a| !a.ip().is_loopback())
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CollectorError::Config(m));
+        let exposed = self.exposed_addrs();
+        if !exposed.is_empty() && !self.auth && !self.insecure {
+            let list: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+            return bad(format!(
+                "refusing to listen on {} with auth off: anyone who reaches it could write and read every \
+                 namespace. Turn auth on (`auth = true` or --auth, tokens from `damselfly tokens create`), listen \
+                 on 127.0.0.1, or accept the risk with `insecure = true` / --insecure",
+                list.join(", ")
+            ));
+        }
         if self.shard_id.is_empty()
             || self.shard_id.len() > 64
             || !self
@@ -342,6 +372,13 @@ impl CollectorConfig {
             memory_bytes: self.query_memory_bytes,
             max_result_rows: self.max_result_rows,
         }
+    }
+
+    /// Where the tokens are kept.
+    pub fn tokens_path(&self) -> PathBuf {
+        self.tokens_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tokens.json"))
     }
 
     pub fn wal_dir(&self) -> PathBuf {

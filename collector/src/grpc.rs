@@ -193,6 +193,15 @@ fn route(cluster: Option<&Cluster>, batch: &WriteBatch, unreachable: &[String]) 
     Some(redirect_ack(batch.seq, cluster, &owner))
 }
 
+/// Who sent a request (put there by [`crate::auth::grpc_interceptor`]; everyone when auth is off).
+fn principal_of<T>(request: &Request<T>) -> crate::auth::Principal {
+    request
+        .extensions()
+        .get::<crate::auth::Principal>()
+        .cloned()
+        .unwrap_or_else(crate::auth::Principal::anyone)
+}
+
 /// Stores a batch; a STORED or DUPLICATE batch counts as hearing from its agent.
 async fn store_batch(
     store: &Store,
@@ -230,6 +239,7 @@ impl Ingest for IngestService {
         request: Request<Streaming<WriteBatch>>,
     ) -> Result<Response<AckStream>, Status> {
         let peer = request.remote_addr();
+        let principal = Arc::new(principal_of(&request));
         let store = self.store.clone();
         let registry = self.registry.clone();
         let cluster = self.cluster.clone();
@@ -241,11 +251,18 @@ impl Ingest for IngestService {
                 let registry = registry.clone();
                 let cluster = cluster.clone();
                 let unreachable = unreachable.clone();
+                let principal = principal.clone();
                 async move {
                     match item {
-                        Ok(batch) => {
+                        Ok(mut batch) => {
                             if let Some(ack) = route(cluster.as_ref(), &batch, &unreachable) {
                                 return Ok(ack);
+                            }
+                            if let Err(e) = crate::auth::scope_batch(&principal, &mut batch) {
+                                return Ok(ack_for(
+                                    batch.seq,
+                                    WriteOutcome::Rejected(e.to_string()),
+                                ));
                             }
                             let seq = batch.seq;
                             Ok(ack_for(
@@ -268,10 +285,13 @@ impl Ingest for IngestService {
 
     async fn write(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
         let unreachable = unreachable_from(request.metadata());
-        let batch = request.into_inner();
+        let principal = principal_of(&request);
+        let mut batch = request.into_inner();
         if let Some(ack) = route(self.cluster.as_ref(), &batch, &unreachable) {
             return Ok(Response::new(ack));
         }
+        crate::auth::scope_batch(&principal, &mut batch)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         let seq = batch.seq;
         match store_batch(&self.store, self.registry.as_ref(), batch).await {
             WriteOutcome::Retry { message, after } => Err(retry_status(&message, after)),

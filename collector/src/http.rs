@@ -64,11 +64,14 @@ pub struct ApiState {
     pub bench: crate::bench::BenchRuns,
     /// Alert rules, active alerts, silences and receivers.
     pub alerts: crate::alerts::AlertManager,
+    /// The tokens requests must carry; `None` when auth is off.
+    pub tokens: Option<crate::auth::Tokens>,
 }
 
 /// The API router. `max_sql_bytes` bounds the request body.
 pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
     let max_write_bytes = state.store.config().max_write_bytes;
+    let state = Arc::new(state);
     Router::new()
         .route("/health", get(health))
         .route("/api/v1/sql", post(sql))
@@ -91,7 +94,9 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
         .merge(crate::placement_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(Arc::new(state))
+        .with_state(state.clone())
+        // Before any handler: who is asking, and may they (see crate::auth).
+        .layer(axum::middleware::from_fn_with_state(state, authorize))
         // A bug must cost one request a 500, not the server.
         .layer(CatchPanicLayer::custom(|_| {
             error_response(
@@ -99,6 +104,78 @@ pub fn router(state: ApiState, max_sql_bytes: usize) -> Router {
                 "internal error (a bug): the request panicked",
             )
         }))
+}
+
+/// Checks the request's token (when auth is on) and hands the handlers its [`Principal`] as an extension.
+async fn authorize(
+    State(api): State<Arc<ApiState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::auth::{AuthError, Principal};
+    let principal = match &api.tokens {
+        None => Principal::anyone(),
+        Some(tokens) => {
+            let path = request.uri().path().to_string();
+            let Some(need) = crate::auth::need_for(request.method().as_str(), &path) else {
+                return next.run(request).await;
+            };
+            let token = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::auth::token_from_authorization);
+            let checked = token
+                .ok_or(AuthError::Missing)
+                .and_then(|t| tokens.authenticate(&t))
+                .and_then(|p| p.allows(need).map(|()| p))
+                .and_then(|p| {
+                    if p.namespaces.is_some() && !crate::auth::open_to_limited(&path) {
+                        Err(AuthError::Forbidden(format!(
+                            "token {} is limited to namespaces; {path} shows data of every namespace and needs \
+                             an unlimited token",
+                            p.token_id
+                        )))
+                    } else {
+                        Ok(p)
+                    }
+                });
+            match checked {
+                Ok(p) => p,
+                Err(e) => {
+                    let status = match &e {
+                        AuthError::Missing | AuthError::Unknown => StatusCode::UNAUTHORIZED,
+                        AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+                        AuthError::Invalid(_) | AuthError::File { .. } => {
+                            tracing::error!(error = %e, "cannot check a token");
+                            StatusCode::INTERNAL_SERVER_ERROR
+                        }
+                    };
+                    api.store
+                        .self_metrics()
+                        .error(crate::selfmetrics::ErrorKind::Auth);
+                    let mut response = error_response(status, &e.to_string());
+                    if status == StatusCode::UNAUTHORIZED {
+                        response.headers_mut().insert(
+                            header::WWW_AUTHENTICATE,
+                            header::HeaderValue::from_static("Bearer realm=\"damselfly\""),
+                        );
+                    }
+                    return response;
+                }
+            }
+        }
+    };
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+/// The principal the auth layer put on a request (everyone may do everything when auth is off).
+pub fn principal_of(extensions: &axum::http::Extensions) -> crate::auth::Principal {
+    extensions
+        .get::<crate::auth::Principal>()
+        .cloned()
+        .unwrap_or_else(crate::auth::Principal::anyone)
 }
 
 /// An error as the API returns it.
@@ -338,6 +415,7 @@ struct SqlParams {
 
 async fn sql(
     State(api): State<Arc<ApiState>>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
     params: Result<Query<SqlParams>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -368,10 +446,15 @@ async fn sql(
             "the request body is empty; send one SQL statement",
         ));
     }
-    let result = api.engine.sql(text).await.inspect_err(|e| {
-        let kind = crate::selfmetrics::ErrorKind::of_query(e);
-        api.store.self_metrics().error(kind);
-    })?;
+    let namespaces = principal.and_then(|p| p.0.namespaces);
+    let result = api
+        .engine
+        .sql_scoped(text, Vec::new(), namespaces.as_ref())
+        .await
+        .inspect_err(|e| {
+            let kind = crate::selfmetrics::ErrorKind::of_query(e);
+            api.store.self_metrics().error(kind);
+        })?;
     if params.complete.unwrap_or(false) && !result.missing_shards.is_empty() {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod alerts;
+pub mod auth;
 pub mod autorollup;
 pub mod bench;
 pub mod buffer;

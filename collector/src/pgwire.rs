@@ -53,6 +53,7 @@ pub async fn serve(
     listener: TcpListener,
     engine: QueryEngine,
     max_message_bytes: usize,
+    tokens: Option<crate::auth::Tokens>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -75,14 +76,14 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 let engine = engine.clone();
+                let tokens = tokens.clone();
                 connections.spawn(async move {
                     let _permit = permit;
                     // Small messages (ReadyForQuery, one-row answers) should not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    match Connection::new(stream, engine, max_message_bytes)
-                        .run()
-                        .await
-                    {
+                    let mut connection = Connection::new(stream, engine, max_message_bytes);
+                    connection.tokens = tokens;
+                    match connection.run().await {
                         Ok(()) => tracing::debug!(%peer, "pg connection closed"),
                         Err(e) => tracing::info!(%peer, error = %e, "pg connection ended"),
                     }
@@ -209,6 +210,10 @@ struct Connection {
     max_message_bytes: usize,
     statements: HashMap<String, Statement>,
     portals: HashMap<String, Portal>,
+    /// When set, the client must give a token as its password (see [`crate::auth`]).
+    tokens: Option<crate::auth::Tokens>,
+    /// The namespaces the client's token is limited to (`None`: all).
+    namespaces: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Connection {
@@ -222,6 +227,8 @@ impl Connection {
             max_message_bytes,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            tokens: None,
+            namespaces: None,
         }
     }
 
@@ -320,6 +327,9 @@ impl Connection {
                         });
                     }
                     tracing::debug!(user = ?params.get("user"), database = ?params.get("database"), "pg startup");
+                    if self.tokens.is_some() && !self.password().await? {
+                        return Ok(false);
+                    }
                     message(&mut self.out, b'R', |b| b.extend(0i32.to_be_bytes()));
                     let application = params.get("application_name").cloned().unwrap_or_default();
                     for (k, v) in [
@@ -352,6 +362,48 @@ impl Connection {
                         .fatal(format!("unsupported frontend protocol {other:#x}"))
                         .await;
                 }
+            }
+        }
+    }
+
+    /// Asks for the password (AuthenticationCleartextPassword; the token is the password) and checks it: a reader
+    /// may connect, with its namespaces applied to every query. False (after a FATAL 28P01) when refused.
+    async fn password(&mut self) -> Result<bool, ConnError> {
+        message(&mut self.out, b'R', |b| b.extend(3i32.to_be_bytes()));
+        self.flush().await?;
+        let Some((tag, body)) = self.read_message().await? else {
+            return Ok(false);
+        };
+        if tag != b'p' {
+            return self
+                .fatal(format!(
+                    "expected a password message, got {:?}",
+                    char::from(tag)
+                ))
+                .await;
+        }
+        let password = Reader::new(&body).cstr().unwrap_or_default();
+        let checked = self
+            .tokens
+            .as_ref()
+            .ok_or(crate::auth::AuthError::Missing)
+            .and_then(|t| t.authenticate(&password))
+            .and_then(|p| p.allows(crate::auth::Need::Read).map(|()| p));
+        match checked {
+            Ok(principal) => {
+                self.namespaces = principal.namespaces;
+                Ok(true)
+            }
+            Err(e) => {
+                let message = match e {
+                    crate::auth::AuthError::Forbidden(m) => m,
+                    _ => {
+                        "password authentication failed: the password must be a valid token".into()
+                    }
+                };
+                self.error(&PgError::new("28P01", message));
+                self.flush().await?;
+                Ok(false)
             }
         }
     }
@@ -459,7 +511,11 @@ impl Connection {
         if let Some(answer) = catalog::answer(&self.engine, trimmed).await {
             return answer;
         }
-        match self.engine.sql_with_params(trimmed, params).await {
+        match self
+            .engine
+            .sql_scoped(trimmed, params, self.namespaces.as_ref())
+            .await
+        {
             Ok(result) => Ok(Answer::Rows {
                 schema: result.schema,
                 batches: result.batches,

@@ -34,7 +34,7 @@ use datafusion::logical_expr::{
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
-use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext, lit};
 
 use crate::catalog::{Catalog, TableSchema};
 use crate::cluster::{Cluster, MissingShard, local_snapshot};
@@ -270,6 +270,18 @@ impl QueryEngine {
         sql: &str,
         params: Vec<ScalarValue>,
     ) -> Result<QueryResult, QueryError> {
+        self.sql_scoped(sql, params, None).await
+    }
+
+    /// [`QueryEngine::sql_with_params`] for a reader limited to `namespaces` (`None`: all): every table the
+    /// statement reads is filtered on `ns_id IN (namespaces)` inside the plan, before anything else sees its rows
+    /// (see [`restrict_to_namespaces`]).
+    pub async fn sql_scoped(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        namespaces: Option<&BTreeSet<String>>,
+    ) -> Result<QueryResult, QueryError> {
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
@@ -282,6 +294,10 @@ impl QueryEngine {
                 frame = frame.with_param_values(params)?;
             }
             let (state, plan) = frame.into_parts();
+            let plan = match namespaces {
+                Some(allowed) => restrict_to_namespaces(plan, allowed)?,
+                None => plan,
+            };
             let plan = self.use_last_values(plan)?;
             let (plan, rollups) = crate::autorollup::use_rollups(&state, plan)?;
             self.rollup_queries
@@ -397,6 +413,46 @@ impl QueryEngine {
         // The table is not warm yet, so this is not itself answered from the cache.
         Ok(self.sql(&sql).await?.batches)
     }
+}
+
+/// Filters every table `plan` reads on `ns_id IN (allowed)`, right above its scan, so rows of other namespaces
+/// (and rows without one) never reach the rest of the plan. A table without `ns_id` gives no rows. Tables that are
+/// not the store's (the collector's own) are refused, except `information_schema`'s (names, not rows).
+fn restrict_to_namespaces(plan: LogicalPlan, allowed: &BTreeSet<String>) -> DfResult<LogicalPlan> {
+    let list: Vec<Expr> = allowed.iter().map(|ns| lit(ns.as_str())).collect();
+    let rewritten = plan.transform_up(|node| {
+        let LogicalPlan::TableScan(scan) = &node else {
+            return Ok(Transformed::no(node));
+        };
+        if scan.table_name.schema() == Some("information_schema") {
+            return Ok(Transformed::no(node));
+        }
+        let provider = source_as_provider(&scan.source).ok();
+        let table = provider.as_ref().and_then(|p| {
+            let any: &dyn std::any::Any = p.as_ref();
+            any.downcast_ref::<SnapshotTable>()
+        });
+        let Some(table) = table else {
+            return Err(DataFusionError::Plan(format!(
+                "a token limited to namespaces may not read {}",
+                scan.table_name
+            )));
+        };
+        let condition = if table.column_kind(crate::auth::NS_TAG) == Some(ColumnKind::Tag) {
+            Expr::Column(datafusion::common::Column::new(
+                Some(scan.table_name.clone()),
+                crate::auth::NS_TAG,
+            ))
+            .in_list(list.clone(), false)
+        } else {
+            lit(false)
+        };
+        let filtered = datafusion::logical_expr::LogicalPlanBuilder::from(node)
+            .filter(condition)?
+            .build()?;
+        Ok(Transformed::yes(filtered))
+    })?;
+    Ok(rewritten.data)
 }
 
 /// An identifier quoted for SQL.

@@ -82,10 +82,12 @@ pub enum ErrorKind {
     QueryTooLarge,
     /// A query failed for the collector's own reasons.
     QueryInternal,
+    /// A request refused for its token (missing, unknown, revoked, or without the right).
+    Auth,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 10] = [
+    const ALL: [ErrorKind; 11] = [
         ErrorKind::IngestRejected,
         ErrorKind::IngestRetry,
         ErrorKind::Wal,
@@ -96,6 +98,7 @@ impl ErrorKind {
         ErrorKind::QueryMemory,
         ErrorKind::QueryTooLarge,
         ErrorKind::QueryInternal,
+        ErrorKind::Auth,
     ];
 
     fn name(self) -> &'static str {
@@ -110,6 +113,7 @@ impl ErrorKind {
             ErrorKind::QueryMemory => "query_memory",
             ErrorKind::QueryTooLarge => "query_too_large",
             ErrorKind::QueryInternal => "query_internal",
+            ErrorKind::Auth => "auth",
         }
     }
 

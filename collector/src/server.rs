@@ -180,12 +180,37 @@ impl Collector {
             .into_server();
         let shards = ShardsService::new(self.cluster.clone()).into_server();
         let metrics = crate::subscribe::MetricsService::new(self.store.clone()).into_server();
+        // Each service checks tokens its own way (see crate::auth): writes for ingest and the agents' calls, a
+        // reader of every namespace for subscriptions, any valid token for the shard map.
+        let tokens = config
+            .auth
+            .then(|| crate::auth::Tokens::new(config.tokens_path()));
+        if !config.auth && !config.exposed_addrs().is_empty() {
+            tracing::warn!(
+                addrs = ?config.exposed_addrs(),
+                "insecure: listening beyond loopback with auth off; anyone who reaches these ports can write and \
+                 read every namespace"
+            );
+        }
+        let guarded =
+            |need, unlimited| crate::auth::grpc_interceptor(tokens.clone(), need, unlimited);
+        use crate::auth::Need;
+        use tonic::service::interceptor::InterceptedService;
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(ingest)
-            .add_service(agents)
-            .add_service(shards)
-            .add_service(metrics)
+            .add_service(InterceptedService::new(
+                ingest,
+                guarded(Some(Need::Write), false),
+            ))
+            .add_service(InterceptedService::new(
+                agents,
+                guarded(Some(Need::Write), false),
+            ))
+            .add_service(InterceptedService::new(shards, guarded(None, false)))
+            .add_service(InterceptedService::new(
+                metrics,
+                guarded(Some(Need::Read), true),
+            ))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 stopped(stop_rx.clone()),
@@ -251,6 +276,7 @@ impl Collector {
                 cluster: self.cluster.clone(),
                 bench,
                 alerts: self.alerts.clone(),
+                tokens: tokens.clone(),
             },
             config.max_sql_bytes,
         );
@@ -263,9 +289,10 @@ impl Collector {
             let engine = self.engine.clone();
             let rx = stop_rx.clone();
             let max = config.max_sql_bytes;
-            tokio::spawn(
-                async move { crate::pgwire::serve(listener, engine, max, stopped(rx)).await },
-            )
+            let tokens = tokens.clone();
+            tokio::spawn(async move {
+                crate::pgwire::serve(listener, engine, max, tokens, stopped(rx)).await
+            })
         });
 
         // Peers' liveness and the shards_file.

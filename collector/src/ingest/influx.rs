@@ -16,6 +16,7 @@
 //! `gzip` or `identity`, `503` with `Retry-After` when the write buffer is full (nothing was stored: send it all
 //! again).
 
+use crate::auth::Principal;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -108,6 +109,8 @@ fn influx_code(status: StatusCode) -> &'static str {
         StatusCode::PAYLOAD_TOO_LARGE => "request too large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported media type",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
         s if s.is_server_error() => "internal error",
         _ => "invalid",
     }
@@ -123,24 +126,44 @@ struct WriteParams {
 
 async fn write_v2(
     State(state): State<Arc<ApiState>>,
+    principal: Option<axum::Extension<Principal>>,
     params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let principal = principal.map_or_else(Principal::anyone, |p| p.0);
     match request_params(Api::V2, params) {
-        Ok((bucket, precision)) => write(state, Api::V2, bucket, precision, &headers, body).await,
+        Ok((bucket, precision)) => {
+            let request = Request {
+                api: Api::V2,
+                namespace: bucket,
+                precision,
+                principal,
+            };
+            write(state, request, &headers, body).await
+        }
         Err(e) => e.into_response(),
     }
 }
 
 async fn write_v1(
     State(state): State<Arc<ApiState>>,
+    principal: Option<axum::Extension<Principal>>,
     params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let principal = principal.map_or_else(Principal::anyone, |p| p.0);
     match request_params(Api::V1, params) {
-        Ok((db, precision)) => write(state, Api::V1, db, precision, &headers, body).await,
+        Ok((db, precision)) => {
+            let request = Request {
+                api: Api::V1,
+                namespace: db,
+                precision,
+                principal,
+            };
+            write(state, request, &headers, body).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -227,14 +250,30 @@ fn decode_body(
     }
 }
 
-async fn write(
-    state: Arc<ApiState>,
+/// What a write request is, once its parameters are read.
+struct Request {
     api: Api,
     namespace: String,
     precision: Precision,
+    principal: Principal,
+}
+
+async fn write(
+    state: Arc<ApiState>,
+    request: Request,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let Request {
+        api,
+        namespace,
+        precision,
+        principal,
+    } = request;
+    // The namespace is the request's (bucket or db): a token limited to others may not write it.
+    if let Err(e) = principal.check_write(Some(&namespace)) {
+        return WriteError::new(api, StatusCode::FORBIDDEN, e.to_string()).into_response();
+    }
     match write_inner(&state, api, namespace, precision, headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),

@@ -115,11 +115,13 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
 
 async fn write(
     State(api): State<Arc<ApiState>>,
+    principal: Option<axum::Extension<crate::auth::Principal>>,
     params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match write_inner(&api, params, &headers, body).await {
+    let principal = principal.map_or_else(crate::auth::Principal::anyone, |p| p.0);
+    match write_inner(&api, &principal, params, &headers, body).await {
         Ok(response) => response,
         Err(e) => {
             tracing::debug!(status = %e.status, message = %e.message, "remote write refused");
@@ -130,6 +132,7 @@ async fn write(
 
 async fn write_inner(
     api: &Arc<ApiState>,
+    principal: &crate::auth::Principal,
     params: Result<Query<WriteParams>, QueryRejection>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -188,12 +191,17 @@ async fn write_inner(
         );
     }
     let Mapped {
-        batches,
+        mut batches,
         rows,
         refused_samples,
         errors,
         ..
     } = mapped;
+    // Rows of namespaces the token may not write refuse the whole request, before anything is stored.
+    for batch in &mut batches {
+        crate::auth::scope_batch(principal, batch)
+            .map_err(|e| error(StatusCode::FORBIDDEN, e.to_string()))?;
+    }
     let stored = if rows == 0 {
         0
     } else {
