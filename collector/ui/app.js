@@ -350,7 +350,7 @@ function vmInfo(a) {
     ["vCPUs", esc(f.vcpus)], ["memory", esc(fmtBytes(f.memory_bytes))], ["OS", esc((f.os_name || "") + " " + (f.os_version || ""))],
     ["kernel", esc(f.kernel_version)], ["CPU", esc(f.cpu_model)], ["agent version", esc(a.version)],
     ["last seen", esc(a.last_seen_secs_ago) + " s ago"]];
-  return `<dl class="kv">${kv.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>`;
+  return `<dl class="kv wide">${kv.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("")}</dl>`;
 }
 
 /// Rows [{t, a, b}] → one series per numeric column.
