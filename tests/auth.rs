@@ -9,30 +9,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{CollectorProc, damselfly_bin, http_request, wait_until};
+use common::{CollectorProc, create_token, damselfly_bin, http_request, wait_until};
 use damselfly_proto::v1::{
     AckStatus, Field, Point, Tag, WriteBatch, field::Value, ingest_client::IngestClient,
 };
-
-/// `damselfly tokens create` on `data_dir`; returns the token.
-fn create_token(data_dir: &Path, role: &str, namespaces: &[&str]) -> String {
-    let mut command = Command::new(damselfly_bin());
-    command
-        .args(["tokens", "create", "--quiet", "--role", role, "--data-dir"])
-        .arg(data_dir);
-    for ns in namespaces {
-        command.args(["--ns", ns]);
-    }
-    let out = command.output().expect("run damselfly tokens");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(token.starts_with("dfy_"), "{token}");
-    token
-}
 
 fn tokens_cli(data_dir: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(damselfly_bin())

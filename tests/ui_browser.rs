@@ -22,7 +22,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{CollectorProc, Proc, http_get, http_post, http_request, now_nanos, wait_until};
+use common::{
+    CollectorProc, Proc, create_token, http_get, http_post, http_request, now_nanos, wait_until,
+};
 use damselfly_proto::v1::agents_client::AgentsClient;
 use damselfly_proto::v1::{RegisterRequest, Tag};
 use serde_json::{Value as Json, json};
@@ -417,6 +419,53 @@ fn every_page_loads_in_chromium_without_errors_and_shows_this_machine() {
             .len();
         assert!(len > 10_000, "{name}.png is only {len} bytes");
     }
+}
+
+#[test]
+fn with_auth_on_the_ui_asks_for_a_token_and_then_works() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let reader = create_token(&data, "read", &[]);
+    let collector = CollectorProc::start_up(&data, &["--auth", "--interval", "1"]);
+    let host = hostname();
+
+    let mut browser = Browser::launch();
+    // The page itself is open; its API calls are refused until the token is given.
+    browser.open(&format!("{}/", collector.http));
+    browser.wait_for(
+        "!document.getElementById('token-bar').hidden",
+        "the token bar after a 401",
+    );
+    let refused = browser.errors();
+    assert!(!refused.is_empty(), "no request was refused");
+    assert!(
+        refused.iter().all(|e| e.contains("401")),
+        "only 401s expected before the token: {refused:?}"
+    );
+    browser.screenshot("token");
+
+    browser.eval(&format!(
+        "document.getElementById('token-input').value = {reader:?}; \
+         document.getElementById('token-bar').requestSubmit(); true"
+    ));
+    browser.wait_for(
+        &format!(
+            "[...document.querySelectorAll('#fleet-body tr')].some(tr => tr.cells[1].textContent === {host:?} \
+             && /^\\d+\\.\\d/.test(tr.cells[6].textContent))"
+        ),
+        "the fleet row of this machine once the token is set",
+    );
+    assert_eq!(
+        browser.eval("document.getElementById('token-bar').hidden"),
+        json!(true)
+    );
+    // The token is kept: a reload works without asking again, and so does the collector page.
+    browser.open(&format!("{}/#/health", collector.http));
+    browser.wait_for(
+        "[...document.querySelectorAll('#metrics-table td')].some(td => td.textContent === 'damselfly_ingest_points_total')",
+        "the /metrics table with the kept token",
+    );
+    assert_no_errors(&mut browser, "fleet and collector pages with a token");
 }
 
 /// Where the simulated VMs run: regions of the embedded catalog.

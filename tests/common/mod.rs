@@ -455,6 +455,26 @@ pub async fn pg_connect(port: u16) -> tokio_postgres::Client {
     client
 }
 
+/// `damselfly tokens create` on `data_dir`; returns the token.
+pub fn create_token(data_dir: &Path, role: &str, namespaces: &[&str]) -> String {
+    let mut command = Command::new(damselfly_bin());
+    command
+        .args(["tokens", "create", "--quiet", "--role", role, "--data-dir"])
+        .arg(data_dir);
+    for ns in namespaces {
+        command.args(["--ns", ns]);
+    }
+    let out = command.output().expect("run damselfly tokens");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(token.starts_with("dfy_"), "{token}");
+    token
+}
+
 /// Now, in nanoseconds since the epoch.
 pub fn now_nanos() -> i64 {
     std::time::SystemTime::now()
