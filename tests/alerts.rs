@@ -244,6 +244,14 @@ fn post_json(url: &str, body: &Value) -> (u16, Value) {
     (code, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// The rules-file `[[receivers]]` entry of a webhook receiver named `hook` posting to `receiver`'s `/hook`.
+fn webhook(receiver: &HttpReceiver) -> String {
+    format!(
+        "[[receivers]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}/hook\"\n",
+        receiver.url
+    )
+}
+
 /// The `(status, severity)` of each webhook body.
 fn states(bodies: &[Value]) -> Vec<(String, String)> {
     bodies
@@ -264,11 +272,7 @@ fn loaded_vm_fires_warning_then_critical_then_resolves_each_delivered_once() {
     let smtp = SmtpReceiver::start(dir.path());
     let rules = format!(
         r#"
-[[receivers]]
-name = "hook"
-kind = "webhook"
-url = "{hook}/hook"
-
+{receiver}
 [[receivers]]
 name = "chat"
 kind = "slack"
@@ -295,6 +299,7 @@ for = "200ms"
 receivers = ["hook", "chat", "ops-mail"]
 summary = "CPU busy"
 "#,
+        receiver = webhook(&hooks),
         hook = hooks.url,
         smtp = smtp.addr
     );
@@ -444,11 +449,7 @@ fn value_oscillating_around_the_threshold_does_not_flap() {
     // cross the threshold back and forth.
     let rules = format!(
         r#"
-[[receivers]]
-name = "hook"
-kind = "webhook"
-url = "{hook}/hook"
-
+{receiver}
 [[rules]]
 name = "steady"
 table = "cpu"
@@ -467,7 +468,7 @@ group_by = ["vm_id"]
 window = "1s"
 warning = 80.0
 "#,
-        hook = hooks.url
+        receiver = webhook(&hooks)
     );
     let c = collector(dir.path(), &rules, "");
     let load = Load::start(&c.http, &[("vm-hover", 85.0)]);
@@ -499,18 +500,14 @@ fn stopped_agent_fires_the_absence_rule_and_resolves_when_it_is_back() {
     let hooks = HttpReceiver::start();
     let rules = format!(
         r#"
-[[receivers]]
-name = "hook"
-kind = "webhook"
-url = "{hook}/hook"
-
+{receiver}
 [[rules]]
 name = "agent_silent"
 kind = "absence"
 absent_intervals = 3
 receivers = ["hook"]
 "#,
-        hook = hooks.url
+        receiver = webhook(&hooks)
     );
     let c = collector(dir.path(), &rules, "heartbeat_interval_secs = 1");
     let state = dir.path().join("agent-state");
@@ -561,11 +558,7 @@ receivers = ["hook"]
 fn bad_rules_are_refused_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let hooks = HttpReceiver::start();
-    let rules = format!(
-        "[[receivers]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"{}/hook\"\n",
-        hooks.url
-    );
-    let c = collector(dir.path(), &rules, "");
+    let c = collector(dir.path(), &webhook(&hooks), "");
     let load = Load::start(&c.http, &[("vm1", 10.0)]);
     wait_until(Duration::from_secs(10), "the cpu table", || {
         c.count("cpu") > 0

@@ -272,7 +272,8 @@ impl AgentInfo {
     }
 }
 
-fn rfc3339(ms: u64) -> String {
+/// Unix milliseconds as RFC 3339 (UTC, milliseconds); `@<ms>ms` when out of chrono's range.
+pub(crate) fn rfc3339(ms: u64) -> String {
     i64::try_from(ms)
         .ok()
         .and_then(chrono::DateTime::from_timestamp_millis)

@@ -37,7 +37,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::agents::AgentRegistry;
+use crate::agents::{AgentRegistry, rfc3339};
 use crate::config::CollectorConfig;
 use crate::error::{CollectorError, Result};
 use crate::http::{ApiError, ApiState};
@@ -287,16 +287,6 @@ impl std::fmt::Debug for AlertManager {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn rfc3339(ms: u64) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(chrono::DateTime::from_timestamp_millis)
-        .map_or_else(
-            || format!("@{ms}ms"),
-            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        )
 }
 
 fn ms_of(d: Duration) -> u64 {
@@ -1332,6 +1322,17 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/api/v1/alerts/status", get(status))
 }
 
+/// A JSON request body, or a `400` saying what it should have been and why it is not.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> std::result::Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("the body is not {what}: {e}"),
+    })
+}
+
 async fn list_alerts(State(api): State<Arc<ApiState>>) -> Response {
     axum::Json(api.alerts.active()).into_response()
 }
@@ -1344,10 +1345,7 @@ async fn post_rule(
     State(api): State<Arc<ApiState>>,
     body: Bytes,
 ) -> std::result::Result<Response, ApiError> {
-    let rule: Rule = serde_json::from_slice(&body).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: format!("the body is not a rule (JSON): {e}"),
-    })?;
+    let rule: Rule = json_body(&body, "a rule (JSON)")?;
     let name = rule.name.clone();
     api.alerts.add_rule(rule).await?;
     let view = api
@@ -1380,10 +1378,7 @@ async fn post_silence(
     State(api): State<Arc<ApiState>>,
     body: Bytes,
 ) -> std::result::Result<Response, ApiError> {
-    let request: SilenceRequest = serde_json::from_slice(&body).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        message: format!("the body is not a silence (JSON with matchers, duration): {e}"),
-    })?;
+    let request: SilenceRequest = json_body(&body, "a silence (JSON with matchers, duration)")?;
     let silence = api
         .alerts
         .add_silence(request)
