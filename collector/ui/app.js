@@ -459,7 +459,8 @@ function drawMap(agents) {
   const color = { healthy: "#16a34a", unregistered: "#6b7280", stale: "#d97706", down: "#dc2626" };
   const vms = [...groups.values()].map(g => {
     const worst = g.vms.reduce((w, a) => (rank[a.status] ?? 0) > (rank[w] ?? 0) ? a.status : w, "healthy");
-    const r = 4 + Math.sqrt(g.vms.length) * 2;
+    // Logarithmic: a region of 500 VMs must not hide its neighbours.
+    const r = 3 + 2.2 * Math.log(1 + g.vms.length);
     const x = mapX(g.rc.longitude), y = mapY(g.rc.latitude);
     const names = g.vms.slice(0, 20).map(a => (a.identity && a.identity.hostname) || a.agent_id).join(", ");
     return `<g class="vm-group" data-region="${esc(g.rc.csp + "/" + g.rc.region)}"><circle class="vm" cx="${x.toFixed(1)}" cy="${y.toFixed(1)}" r="${r.toFixed(1)}" fill="${color[worst] || "#2563eb"}">` +
