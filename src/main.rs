@@ -15,6 +15,7 @@ use std::time::Duration;
 
 mod alerts;
 mod bench;
+mod certs;
 mod install;
 mod place;
 mod tokens;
@@ -77,6 +78,11 @@ enum Command {
     },
     /// Rank where to place each group of an MCIS (Damselfly request or Tumblebug's mcisRecommendVm body).
     Place(place::PlaceArgs),
+    /// Certificates for TLS: `certs init` makes a deployment's CA, collector and agent certificates.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Manage the collector's API and agent tokens (when `auth` is on).
     Tokens {
         #[command(subcommand)]
@@ -408,6 +414,7 @@ fn main() -> ExitCode {
             Command::Bench { command } => bench::main(command).await,
             Command::Place(args) => place::main(args),
             Command::Tokens { command } => tokens::main(command),
+            Command::Certs { command } => certs::main(command),
             Command::Agent { .. } => ExitCode::FAILURE,
         }
     })
@@ -439,11 +446,12 @@ async fn start_collector(args: &CollectorArgs) -> Result<Collector, ExitCode> {
 fn print_endpoints(collector: &Collector, data_dir: &std::path::Path) {
     let http = collector.http_addr();
     println!("damselfly collector is up");
-    println!("  grpc: http://{}", collector.grpc_addr());
+    let scheme = collector.scheme();
+    println!("  grpc: {scheme}://{}", collector.grpc_addr());
     if let Some(pg) = collector.pg_addr() {
         println!("  pg: {pg}");
     }
-    println!("  http: http://{http}");
+    println!("  http: {scheme}://{http}");
     println!("  data: {}", data_dir.display());
     let url_flag = if http == SocketAddr::from(([127, 0, 0, 1], 8086)) {
         String::new()

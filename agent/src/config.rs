@@ -33,7 +33,7 @@ pub const MAX_TOP_N: usize = 1000;
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Collector gRPC endpoint for push mode, `http://host:port`. Default: none (no push; then `listen` is
-    /// required). TLS is not built in yet, so `https://` is rejected.
+    /// required). `https://` needs `tls_ca_file`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collector: Option<String>,
     /// Address of the agent's own server (pull mode: `MetricsSource.Pull` for collectors; also `/metrics` and
@@ -104,6 +104,15 @@ pub struct AgentConfig {
     /// as `authorization: Bearer <token>` on every gRPC call. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// PEM CA certificate the collector's TLS certificate must be signed by; required for an `https://`
+    /// collector (e.g. `ca.pem` from `damselfly certs init`). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for a collector that asks agents for one (mutual TLS). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -137,6 +146,9 @@ impl Default for AgentConfig {
             spec: String::new(),
             bench_max_load_percent: 50,
             token: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -220,11 +232,16 @@ impl AgentConfig {
         if let Some(collector) = &self.collector {
             match collector.split_once("://") {
                 Some(("http", rest)) if !rest.is_empty() => {}
-                Some(("https", _)) => {
-                    return invalid(
-                        "collector",
-                        format!("is {collector:?}: TLS is not supported yet, use http://"),
-                    );
+                Some(("https", rest)) if !rest.is_empty() => {
+                    if self.tls_ca_file.is_none() {
+                        return invalid(
+                            "collector",
+                            format!(
+                                "is {collector:?}: an https:// collector needs `tls_ca_file` (the CA that signed its \
+                                 certificate)"
+                            ),
+                        );
+                    }
                 }
                 _ => {
                     return invalid(
@@ -236,6 +253,15 @@ impl AgentConfig {
             if tonic::transport::Endpoint::from_shared(collector.clone()).is_err() {
                 return invalid("collector", format!("is not a valid URL: {collector:?}"));
             }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return invalid(
+                "tls_cert_file",
+                "and tls_key_file go together (the client certificate and its key)".to_owned(),
+            );
+        }
+        if let Err(reason) = crate::credentials::client_tls(self) {
+            return invalid("tls_ca_file", reason);
         }
         if let Some(token) = &self.token
             && crate::credentials::bearer(token).is_none()

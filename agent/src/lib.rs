@@ -375,6 +375,7 @@ pub async fn run(
         side_tasks.push(tokio::spawn(register::run_following_with(
             register::RegisterSettings {
                 token: config.token.clone(),
+                tls: credentials::client_tls(&config).ok().flatten(),
                 ..register::RegisterSettings::default()
             },
             target,

@@ -89,6 +89,8 @@ pub struct PushSettings {
     pub map_refresh: Duration,
     /// The agent token sent with each call ([`crate::credentials`]).
     pub token: Option<String>,
+    /// TLS for `https://` shards ([`crate::credentials::client_tls`]).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl PushSettings {
@@ -107,6 +109,8 @@ impl PushSettings {
             shard_backoff_max: Duration::from_secs(30),
             map_refresh: Duration::from_secs(60),
             token: config.token.clone(),
+            // Checked when the config was validated; a file gone since fails the connection, which is logged.
+            tls: crate::credentials::client_tls(config).ok().flatten(),
         }
     }
 }
@@ -398,7 +402,15 @@ impl Input {
 
 /// A gRPC endpoint for `url` with the push path's connection options.
 fn endpoint(url: &str, settings: &PushSettings) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(url.to_owned())?
+    let mut endpoint = Endpoint::from_shared(url.to_owned())?;
+    if let Some(tls) = settings
+        .tls
+        .as_ref()
+        .filter(|_| url.starts_with("https://"))
+    {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    Ok(endpoint
         .connect_timeout(settings.connect_timeout)
         .tcp_nodelay(true)
         // HTTP/2 pings notice a silently dead peer (VM migrated, NAT dropped) on an otherwise idle stream.

@@ -30,6 +30,7 @@ fn settings(addr: SocketAddr) -> PushSettings {
         shard_backoff_max: Duration::from_millis(400),
         map_refresh: Duration::from_secs(60),
         token: None,
+        tls: None,
     }
 }
 

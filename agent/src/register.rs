@@ -63,6 +63,8 @@ pub struct RegisterSettings {
     pub max_heartbeat: Duration,
     /// The agent token sent with each call ([`crate::credentials`]).
     pub token: Option<String>,
+    /// TLS for an `https://` collector ([`crate::credentials::client_tls`]).
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for RegisterSettings {
@@ -79,6 +81,7 @@ impl Default for RegisterSettings {
             min_heartbeat: Duration::from_millis(100),
             max_heartbeat: Duration::from_secs(3600),
             token: None,
+            tls: None,
         }
     }
 }
@@ -280,7 +283,17 @@ async fn register_and_beat(
     started: Instant,
 ) {
     let agent_id = request.agent_id.clone();
-    let endpoint = match Endpoint::from_shared(collector_url.clone()) {
+    let endpoint = Endpoint::from_shared(collector_url.clone()).and_then(|e| {
+        match settings
+            .tls
+            .as_ref()
+            .filter(|_| collector_url.starts_with("https://"))
+        {
+            Some(tls) => e.tls_config(tls.clone()),
+            None => Ok(e),
+        }
+    });
+    let endpoint = match endpoint {
         Ok(e) => e
             .connect_timeout(settings.connect_timeout)
             .timeout(settings.request_timeout)

@@ -37,9 +37,11 @@ pub struct CollectorConfig {
     pub auth: bool,
     /// The token file `damselfly tokens` edits. Default `<data_dir>/tokens.json`.
     pub tokens_file: Option<PathBuf>,
-    /// Allow listening on a non-loopback address with `auth` off (refused otherwise; a warning is logged).
-    /// Default false.
+    /// Allow listening on a non-loopback address without both `auth` and `[tls]` (refused otherwise; a warning
+    /// is logged). Default false.
     pub insecure: bool,
+    /// TLS on every port (see [`crate::tls`]). Default: none (plaintext, for loopback).
+    pub tls: Option<crate::tls::TlsConfig>,
     /// This shard's id; it prefixes every file the shard writes and names its directory in the shared store.
     /// Default `s0`.
     pub shard_id: String,
@@ -82,6 +84,14 @@ pub struct CollectorConfig {
     pub last_value_cache_max_series: usize,
     /// Most points in one batch. Default 100,000.
     pub max_batch_points: usize,
+    /// Rows stamped more than this many seconds after the collector's clock are refused (the whole batch, with a
+    /// message naming the row's time and the bound): a sender whose clock runs years ahead would otherwise fill
+    /// partitions that retention never reaches. Default 604,800 (7 days); 0 turns the bound off.
+    pub max_time_skew_secs: u64,
+    /// Rows stamped more than this many seconds before the collector's clock are refused likewise (an agent whose
+    /// clock was reset to 1970). Default 0: off, so backfills of old data work; set it to at most the retention
+    /// to refuse rows that retention would drop at once.
+    pub max_time_age_secs: u64,
     /// Largest SQL request body (bytes). Default 1 MiB.
     pub max_sql_bytes: usize,
     /// Largest body of an HTTP write (InfluxDB line protocol, Prometheus remote write), in bytes, both as sent and
@@ -157,6 +167,7 @@ impl Default for CollectorConfig {
             auth: false,
             tokens_file: None,
             insecure: false,
+            tls: None,
             shard_id: "s0".to_string(),
             shards: Vec::new(),
             shards_file: None,
@@ -171,6 +182,8 @@ impl Default for CollectorConfig {
             max_grpc_message_bytes: 16 << 20,
             last_value_cache_max_series: 100_000,
             max_batch_points: 100_000,
+            max_time_skew_secs: 7 * 86_400,
+            max_time_age_secs: 0,
             max_sql_bytes: 1 << 20,
             max_write_bytes: 32 << 20,
             max_line_bytes: 64 << 10,
@@ -211,13 +224,31 @@ impl CollectorConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CollectorError::Config(m));
+        if self.tls.is_some() && (!self.shards.is_empty() || self.shards_file.is_some()) {
+            return bad(
+                "tls with shards is not supported yet: shards reach each other over plain HTTP; run TLS \
+                 collectors unsharded, or shards on a private network"
+                    .into(),
+            );
+        }
         let exposed = self.exposed_addrs();
-        if !exposed.is_empty() && !self.auth && !self.insecure {
+        let protected = self.auth && self.tls.is_some();
+        if !exposed.is_empty() && !protected && !self.insecure {
             let list: Vec<String> = exposed.iter().map(ToString::to_string).collect();
+            let missing = match (self.auth, self.tls.is_some()) {
+                (false, false) => {
+                    "with auth and TLS off: anyone who reaches it could write and read every \
+                                   namespace, in the clear"
+                }
+                (false, true) => {
+                    "with auth off: anyone who reaches it could write and read every namespace"
+                }
+                _ => "without TLS: tokens and data would cross the network in the clear",
+            };
             return bad(format!(
-                "refusing to listen on {} with auth off: anyone who reaches it could write and read every \
-                 namespace. Turn auth on (`auth = true` or --auth, tokens from `damselfly tokens create`), listen \
-                 on 127.0.0.1, or accept the risk with `insecure = true` / --insecure",
+                "refusing to listen on {} {missing}. Turn on auth (`auth = true` or --auth, tokens from \
+                 `damselfly tokens create`) and TLS (`[tls]`, certificates from `damselfly certs init`), listen on \
+                 127.0.0.1, or accept the risk with `insecure = true` / --insecure",
                 list.join(", ")
             ));
         }
@@ -253,6 +284,17 @@ impl CollectorConfig {
         }
         if self.max_batch_points == 0 {
             return bad("max_batch_points must be at least 1".into());
+        }
+        // Under an hour the bound would refuse honest senders whose clocks drift by minutes.
+        for (name, secs) in [
+            ("max_time_skew_secs", self.max_time_skew_secs),
+            ("max_time_age_secs", self.max_time_age_secs),
+        ] {
+            if secs != 0 && secs < 3_600 {
+                return bad(format!(
+                    "{name} ({secs}) must be 0 (off) or at least 3600: clocks drift by minutes"
+                ));
+            }
         }
         if let Some(pg) = self.pg_addr
             && pg.port() != 0

@@ -43,6 +43,7 @@ pub mod shared_store;
 pub mod sqlfn;
 pub mod store;
 pub mod subscribe;
+pub mod tls;
 pub mod ui;
 pub mod wal;
 

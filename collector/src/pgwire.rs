@@ -24,10 +24,11 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -54,6 +55,7 @@ pub async fn serve(
     engine: QueryEngine,
     max_message_bytes: usize,
     tokens: Option<crate::auth::Tokens>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -77,10 +79,21 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 let engine = engine.clone();
                 let tokens = tokens.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
                     let _permit = permit;
                     // Small messages (ReadyForQuery, one-row answers) should not wait for Nagle.
                     let _ = stream.set_nodelay(true);
+                    let stream: Box<dyn Io> = match tls {
+                        None => Box::new(stream),
+                        Some(acceptor) => match secure(stream, &acceptor).await {
+                            Ok(session) => session,
+                            Err(e) => {
+                                tracing::info!(%peer, error = %e, "pg connection refused");
+                                return;
+                            }
+                        },
+                    };
                     let mut connection = Connection::new(stream, engine, max_message_bytes);
                     connection.tokens = tokens;
                     match connection.run().await {
@@ -98,6 +111,50 @@ pub async fn serve(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// A connection's byte stream: plain TCP or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// On a port that requires TLS: answers the client's SSLRequest with `S` and runs the handshake (declining a
+/// GSSENCRequest first, as libpq may send one). A client that starts in plaintext is told SSL is required
+/// (SQLSTATE 28000) and the connection ends.
+async fn secure(
+    mut stream: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+) -> Result<Box<dyn Io>, ConnError> {
+    let negotiate = async {
+        loop {
+            let mut head = [0u8; 8];
+            stream.read_exact(&mut head).await?;
+            let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+            let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            match (len, code) {
+                (8, SSL_REQUEST) => {
+                    stream.write_all(b"S").await?;
+                    let session = acceptor.accept(stream).await?;
+                    return Ok::<Box<dyn Io>, ConnError>(Box::new(session));
+                }
+                (8, GSSENC_REQUEST) => stream.write_all(b"N").await?,
+                _ => {
+                    let mut out = Vec::new();
+                    let refusal = PgError::new(
+                        "28000",
+                        "this server requires SSL: connect with sslmode=require (or verify-full with the CA)",
+                    );
+                    error_response(&mut out, "FATAL", &refusal);
+                    stream.write_all(&out).await?;
+                    return Err(ConnError::Protocol(
+                        "a plaintext client on a TLS port".into(),
+                    ));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(STARTUP_TIMEOUT, negotiate)
+        .await
+        .map_err(|_| ConnError::Protocol("no TLS handshake within the startup timeout".into()))?
 }
 
 /// Why a connection ended early.
@@ -203,8 +260,8 @@ struct Portal {
 }
 
 struct Connection {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf<Box<dyn Io>>>,
+    writer: WriteHalf<Box<dyn Io>>,
     out: Vec<u8>,
     engine: QueryEngine,
     max_message_bytes: usize,
@@ -217,8 +274,8 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, engine: QueryEngine, max_message_bytes: usize) -> Connection {
-        let (r, w) = stream.into_split();
+    fn new(stream: Box<dyn Io>, engine: QueryEngine, max_message_bytes: usize) -> Connection {
+        let (r, w) = tokio::io::split(stream);
         Connection {
             reader: BufReader::new(r),
             writer: w,
@@ -462,18 +519,7 @@ impl Connection {
 
     fn error(&mut self, e: &PgError) {
         tracing::debug!(sqlstate = e.sqlstate, message = %e.message, "pg error");
-        message(&mut self.out, b'E', |b| {
-            for (field, value) in [
-                (b'S', "ERROR"),
-                (b'V', "ERROR"),
-                (b'C', e.sqlstate),
-                (b'M', e.message.as_str()),
-            ] {
-                b.push(field);
-                cstr(b, value);
-            }
-            b.push(0);
-        });
+        error_response(&mut self.out, "ERROR", e);
     }
 
     async fn simple_query(&mut self, body: &[u8]) -> Result<(), ConnError> {
@@ -966,6 +1012,22 @@ fn result_formats(formats: &[i16], columns: usize) -> Result<Vec<i16>, PgError> 
 }
 
 /// Appends one backend message: tag, length, body.
+/// An ErrorResponse of `severity` (ERROR, or FATAL when the connection ends).
+fn error_response(out: &mut Vec<u8>, severity: &str, e: &PgError) {
+    message(out, b'E', |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', e.sqlstate),
+            (b'M', e.message.as_str()),
+        ] {
+            b.push(field);
+            cstr(b, value);
+        }
+        b.push(0);
+    });
+}
+
 fn message(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     out.push(tag);
     let start = out.len();

@@ -43,6 +43,8 @@ pub struct Collector {
     /// The PostgreSQL protocol listener, when `pg_addr` is set.
     pg: Option<(TcpListener, SocketAddr)>,
     alerts: crate::alerts::AlertManager,
+    /// The certificates, when every port speaks TLS.
+    tls: Option<crate::tls::TlsFiles>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
@@ -65,18 +67,25 @@ impl Collector {
     /// Opens the store under `config.data_dir` and binds the gRPC and HTTP addresses.
     pub async fn bind(config: CollectorConfig) -> Result<Collector> {
         config.validate()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::TlsConfig::load)
+            .transpose()
+            .map_err(CollectorError::Config)?;
         let (grpc, grpc_addr) = bind(config.grpc_addr).await?;
         let (http, http_addr) = bind(config.http_addr).await?;
         let pg = match config.pg_addr {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let cluster = Cluster::new(
             &config,
             ShardEndpoint {
                 id: config.shard_id.clone(),
-                grpc_url: format!("http://{grpc_addr}"),
-                http_url: format!("http://{http_addr}"),
+                grpc_url: format!("{scheme}://{grpc_addr}"),
+                http_url: format!("{scheme}://{http_addr}"),
             },
         )?;
         if cluster.is_sharded() {
@@ -127,7 +136,13 @@ impl Collector {
             grpc_addr,
             http_addr,
             pg,
+            tls,
         })
+    }
+
+    /// `https` when every port speaks TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -185,18 +200,26 @@ impl Collector {
         let tokens = config
             .auth
             .then(|| crate::auth::Tokens::new(config.tokens_path()));
-        if !config.auth && !config.exposed_addrs().is_empty() {
+        let protected = config.auth && config.tls.is_some();
+        if !protected && !config.exposed_addrs().is_empty() {
             tracing::warn!(
                 addrs = ?config.exposed_addrs(),
-                "insecure: listening beyond loopback with auth off; anyone who reaches these ports can write and \
-                 read every namespace"
+                auth = config.auth,
+                tls = config.tls.is_some(),
+                "insecure: listening beyond loopback without both auth and TLS"
             );
         }
         let guarded =
             |need, unlimited| crate::auth::grpc_interceptor(tokens.clone(), need, unlimited);
         use crate::auth::Need;
         use tonic::service::interceptor::InterceptedService;
-        let grpc = tonic::transport::Server::builder()
+        let mut grpc = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            grpc = grpc
+                .tls_config(tls.grpc())
+                .map_err(|e| CollectorError::Config(format!("tls: {e}")))?;
+        }
+        let grpc = grpc
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(InterceptedService::new(
                 ingest,
@@ -280,8 +303,20 @@ impl Collector {
             },
             config.max_sql_bytes,
         );
-        let http = axum::serve(self.http, api).with_graceful_shutdown(stopped(stop_rx.clone()));
-        let mut http = tokio::spawn(async move { http.await.map_err(|e| e.to_string()) });
+        let mut http = match &self.tls {
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(self.http, tls.acceptor())
+                    .map_err(|e| CollectorError::Server(format!("https listener: {e}")))?;
+                let http =
+                    axum::serve(listener, api).with_graceful_shutdown(stopped(stop_rx.clone()));
+                tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })
+            }
+            None => {
+                let http =
+                    axum::serve(self.http, api).with_graceful_shutdown(stopped(stop_rx.clone()));
+                tokio::spawn(async move { http.await.map_err(|e| e.to_string()) })
+            }
+        };
 
         // The PostgreSQL protocol: its connections end when the stop signal comes.
         let pg = self.pg.map(|(listener, addr)| {
@@ -290,8 +325,9 @@ impl Collector {
             let rx = stop_rx.clone();
             let max = config.max_sql_bytes;
             let tokens = tokens.clone();
+            let tls = self.tls.as_ref().map(crate::tls::TlsFiles::acceptor);
             tokio::spawn(async move {
-                crate::pgwire::serve(listener, engine, max, tokens, stopped(rx)).await
+                crate::pgwire::serve(listener, engine, max, tokens, tls, stopped(rx)).await
             })
         });
 

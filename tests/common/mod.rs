@@ -141,7 +141,40 @@ impl CollectorProc {
         Self::start_command_at(command, data_dir, "127.0.0.1:0", "127.0.0.1:0", extra)
     }
 
+    /// `damselfly collector` whose config turns TLS on: waits for `/health` over HTTPS (curl with the CA `ca`).
+    pub fn start_with_tls(data_dir: &Path, extra: &[&str], ca: &Path) -> CollectorProc {
+        let collector = Self::launch("collector", data_dir, "127.0.0.1:0", "127.0.0.1:0", extra);
+        wait_until(
+            Duration::from_secs(30),
+            "collector /health over TLS",
+            || {
+                Command::new("curl")
+                    .args(["-sf", "--max-time", "5", "--cacert"])
+                    .arg(ca)
+                    .arg(format!("{}/health", collector.http))
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        );
+        collector
+    }
+
     fn start_command_at(
+        command: &str,
+        data_dir: &Path,
+        grpc: &str,
+        http: &str,
+        extra: &[&str],
+    ) -> CollectorProc {
+        let collector = Self::launch(command, data_dir, grpc, http, extra);
+        wait_until(Duration::from_secs(30), "collector /health", || {
+            http_get(&format!("{}/health", collector.http)).is_ok_and(|(code, _)| code == 200)
+        });
+        collector
+    }
+
+    /// Starts the process and reads the endpoints it prints.
+    fn launch(
         command: &str,
         data_dir: &Path,
         grpc: &str,
@@ -198,17 +231,13 @@ impl CollectorProc {
                 );
             }
         };
-        let collector = CollectorProc {
+        CollectorProc {
             proc,
             grpc,
             http,
             pg,
             data_dir: data_dir.to_path_buf(),
-        };
-        wait_until(Duration::from_secs(30), "collector /health", || {
-            http_get(&format!("{}/health", collector.http)).is_ok_and(|(code, _)| code == 200)
-        });
-        collector
+        }
     }
 
     /// Runs SQL over HTTP (JSON format) and returns the rows.
