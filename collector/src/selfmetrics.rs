@@ -419,7 +419,8 @@ impl SelfMetrics {
         });
         out.push(histogram(
             "damselfly_query_seconds",
-            "Duration of SQL queries (HTTP and PostgreSQL protocol), failed ones included.",
+            "Duration of SQL queries, failed ones included: HTTP, PostgreSQL protocol and the collector's own \
+             (alert rules, scores, the Dragonfly API).",
             &self.queries,
             &[],
         ));
