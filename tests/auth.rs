@@ -318,7 +318,7 @@ fn up_with_auth_gives_its_agent_a_token_and_refuses_exposed_ports_without_auth()
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("refusing to listen on 0.0.0.0:0 with auth off"),
+        err.contains("refusing to listen on 0.0.0.0:0 with auth and TLS off"),
         "{err}"
     );
     assert!(err.contains("--insecure"), "{err}");
