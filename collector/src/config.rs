@@ -78,6 +78,9 @@ pub struct CollectorConfig {
     pub backpressure_wait_ms: u64,
     /// Largest gRPC message accepted (bytes, after decompression). Default 16 MiB.
     pub max_grpc_message_bytes: usize,
+    /// Points per second one agent may send (a token bucket holding 10 s of it, per agent id; see
+    /// [`crate::ratelimit`]); over it, batches are answered "retry later" with the wait. 0 = no limit (default).
+    pub max_agent_points_per_sec: u64,
     /// Series per table that the last-value cache keeps (the newest row of each, in memory; see docs/SQL.md,
     /// "Latest value per series"). A table with more is not cached: its latest-value queries scan files. 0 turns
     /// the cache off. Default 100,000.
@@ -181,6 +184,7 @@ impl Default for CollectorConfig {
             backpressure_wait_ms: 2_000,
             max_grpc_message_bytes: 16 << 20,
             last_value_cache_max_series: 100_000,
+            max_agent_points_per_sec: 0,
             max_batch_points: 100_000,
             max_time_skew_secs: 7 * 86_400,
             max_time_age_secs: 0,

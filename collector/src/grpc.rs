@@ -39,14 +39,20 @@ pub struct IngestService {
     registry: Option<AgentRegistry>,
     /// With other shards: batches of agents another shard owns are answered REDIRECT.
     cluster: Option<Cluster>,
+    /// Points per second per agent (`max_agent_points_per_sec`).
+    rates: Arc<crate::ratelimit::AgentRates>,
 }
 
 impl IngestService {
     pub fn new(store: Store) -> IngestService {
+        let rates = Arc::new(crate::ratelimit::AgentRates::new(
+            store.config().max_agent_points_per_sec,
+        ));
         IngestService {
             store,
             registry: None,
             cluster: None,
+            rates,
         }
     }
 
@@ -206,10 +212,23 @@ fn principal_of<T>(request: &Request<T>) -> crate::auth::Principal {
 async fn store_batch(
     store: &Store,
     registry: Option<&AgentRegistry>,
+    rates: &crate::ratelimit::AgentRates,
     batch: WriteBatch,
 ) -> WriteOutcome {
     let agent_id = registry.map(|_| batch.agent_id.clone());
-    let outcome = store.write(batch).await;
+    let points = damselfly_proto::columnar::batch_rows(&batch);
+    let outcome = match rates.admit(&batch.agent_id, points) {
+        Ok(()) => store.write(batch).await,
+        Err(after) => WriteOutcome::Retry {
+            message: format!(
+                "agent {:?} is over max_agent_points_per_sec ({} points/s): this batch of {points} points can \
+                 be sent again after {after:?}",
+                batch.agent_id,
+                rates.per_sec()
+            ),
+            after,
+        },
+    };
     store
         .self_metrics()
         .record_write(crate::selfmetrics::Protocol::Grpc, &outcome);
@@ -242,6 +261,7 @@ impl Ingest for IngestService {
         let principal = Arc::new(principal_of(&request));
         let store = self.store.clone();
         let registry = self.registry.clone();
+        let rates = self.rates.clone();
         let cluster = self.cluster.clone();
         let unreachable = Arc::new(unreachable_from(request.metadata()));
         let acks = request
@@ -249,6 +269,7 @@ impl Ingest for IngestService {
             .map(move |item| {
                 let store = store.clone();
                 let registry = registry.clone();
+                let rates = rates.clone();
                 let cluster = cluster.clone();
                 let unreachable = unreachable.clone();
                 let principal = principal.clone();
@@ -267,7 +288,7 @@ impl Ingest for IngestService {
                             let seq = batch.seq;
                             Ok(ack_for(
                                 seq,
-                                store_batch(&store, registry.as_ref(), batch).await,
+                                store_batch(&store, registry.as_ref(), &rates, batch).await,
                             ))
                         }
                         Err(status) => {
@@ -293,7 +314,7 @@ impl Ingest for IngestService {
         crate::auth::scope_batch(&principal, &mut batch)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
         let seq = batch.seq;
-        match store_batch(&self.store, self.registry.as_ref(), batch).await {
+        match store_batch(&self.store, self.registry.as_ref(), &self.rates, batch).await {
             WriteOutcome::Retry { message, after } => Err(retry_status(&message, after)),
             outcome => Ok(Response::new(ack_for(seq, outcome))),
         }

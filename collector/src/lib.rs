@@ -34,6 +34,7 @@ pub mod pgwire;
 pub mod placement_api;
 pub mod pull;
 pub mod query;
+pub mod ratelimit;
 pub mod retention;
 pub mod rollup;
 pub mod scores;
