@@ -483,12 +483,12 @@ fn is_hour_bucket(simplifier: &ExprSimplifier, expr: &Expr) -> bool {
 mod tests {
     use std::time::Duration;
 
-    use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
+    use damselfly_proto::v1::{Field, Point, Tag, field::Value};
 
     use crate::config::{CollectorConfig, WalSync};
     use crate::maintenance::Maintenance;
     use crate::query::{QueryEngine, QueryLimits};
-    use crate::store::{Store, WriteOutcome};
+    use crate::store::Store;
 
     const MINUTE: i64 = 60_000_000_000;
     const HOUR: i64 = 60 * MINUTE;
@@ -514,20 +514,7 @@ mod tests {
         }
     }
 
-    async fn write(store: &Store, seq: u64, points: Vec<Point>) {
-        let outcome = store
-            .write(WriteBatch {
-                agent_id: "a".into(),
-                seq,
-                points,
-                ..Default::default()
-            })
-            .await;
-        assert!(
-            matches!(outcome, WriteOutcome::Stored { .. }),
-            "{outcome:?}"
-        );
-    }
+    use crate::testutil::store_points as write;
 
     async fn text(engine: &QueryEngine, sql: &str) -> String {
         let result = engine

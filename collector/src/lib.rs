@@ -48,6 +48,9 @@ pub mod tls;
 pub mod ui;
 pub mod wal;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 pub use config::CollectorConfig;
 pub use error::{CollectorError, Result};
 pub use query::{QueryEngine, QueryError, QueryResult};

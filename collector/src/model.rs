@@ -1,5 +1,9 @@
 //! The data model the collector stores: tables (measurements) of tag, field and time columns, and the stateless
 //! validation of incoming batches (names, sizes, timestamps) that happens before anything touches the WAL.
+//!
+//! Timestamps are bounded around the collector's clock ([`BatchLimits::earliest_ns`]/[`BatchLimits::latest_ns`],
+//! from `max_time_skew_secs` and `max_time_age_secs`): an agent whose clock is years off would otherwise put its
+//! rows into partitions nobody looks at, that retention never reaches (the future) or drops at once (the past).
 
 use std::fmt;
 
@@ -135,6 +139,74 @@ pub struct InvalidBatch(pub String);
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     pub max_points: usize,
+    /// Rows before this time (ns since the epoch) are refused, with `max_time_age_secs` named as the bound.
+    pub earliest_ns: i64,
+    /// Rows after this time are refused, with `max_time_skew_secs` named as the bound.
+    pub latest_ns: i64,
+}
+
+impl BatchLimits {
+    /// Only a point count; timestamps from 1970 to the year 2262 pass.
+    pub const fn points(max_points: usize) -> BatchLimits {
+        BatchLimits {
+            max_points,
+            earliest_ns: 0,
+            latest_ns: i64::MAX,
+        }
+    }
+
+    /// `max_points` and the clock bounds around `now_ns`: at most `max_skew_secs` ahead, at most `max_age_secs`
+    /// behind (0 turns a bound off).
+    pub fn around(now_ns: i64, max_points: usize, max_skew_secs: u64, max_age_secs: u64) -> Self {
+        let span = |secs: u64| {
+            i64::try_from(secs)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1_000_000_000)
+        };
+        BatchLimits {
+            max_points,
+            earliest_ns: if max_age_secs == 0 {
+                0
+            } else {
+                now_ns.saturating_sub(span(max_age_secs)).max(0)
+            },
+            latest_ns: if max_skew_secs == 0 {
+                i64::MAX
+            } else {
+                now_ns.saturating_add(span(max_skew_secs))
+            },
+        }
+    }
+
+    /// Why `t` is out of bounds, if it is: the row's time, the bound and the setting, so an operator can tell a
+    /// wrong agent clock from a wrong setting.
+    fn check_time(&self, t: i64) -> Result<(), String> {
+        if t < 0 {
+            return Err(format!("timestamp {t} is before 1970-01-01T00:00:00Z"));
+        }
+        if t > self.latest_ns {
+            return Err(format!(
+                "timestamp {} ({t}) is after {}, the latest the collector accepts (its clock plus \
+                 max_time_skew_secs): is the sender's clock ahead?",
+                rfc3339(t),
+                rfc3339(self.latest_ns)
+            ));
+        }
+        if t < self.earliest_ns {
+            return Err(format!(
+                "timestamp {} ({t}) is before {}, the earliest the collector accepts (its clock minus \
+                 max_time_age_secs): is the sender's clock behind?",
+                rfc3339(t),
+                rfc3339(self.earliest_ns)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `2036-11-26T05:51:31.5Z` for nanoseconds since the epoch.
+fn rfc3339(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// Checks everything about a batch that does not depend on stored state. On success the batch can be written to
@@ -182,7 +254,7 @@ fn validate_content(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inval
         }
     }
     for (i, point) in batch.points.iter().enumerate() {
-        validate_point(point).map_err(|m| {
+        validate_point(point, &limits).map_err(|m| {
             InvalidBatch(format!(
                 "point {i} (measurement {:?}): {m}",
                 truncate(&point.measurement, 64)
@@ -199,7 +271,7 @@ fn validate_content(batch: &WriteBatch, limits: BatchLimits) -> Result<(), Inval
         }
     }
     for (i, chunk) in batch.chunks.iter().enumerate() {
-        validate_chunk(chunk, &batch.common_tags).map_err(|m| {
+        validate_chunk(chunk, &batch.common_tags, &limits).map_err(|m| {
             InvalidBatch(format!(
                 "chunk {i} (measurement {:?}): {m}",
                 truncate(&chunk.measurement, 64)
@@ -243,7 +315,11 @@ pub fn chunk_common_tags<'a>(
         .filter(move |c| !chunk.tag_keys.contains(&c.key))
 }
 
-fn validate_chunk(chunk: &TableChunk, common_tags: &[Tag]) -> Result<(), String> {
+fn validate_chunk(
+    chunk: &TableChunk,
+    common_tags: &[Tag],
+    limits: &BatchLimits,
+) -> Result<(), String> {
     check_measurement(&chunk.measurement)?;
     let rows = chunk_rows(chunk);
     if rows == 0 {
@@ -299,15 +375,10 @@ fn validate_chunk(chunk: &TableChunk, common_tags: &[Tag]) -> Result<(), String>
             ));
         }
     }
-    if let Some((row, t)) = chunk
-        .time_unix_nano
-        .iter()
-        .enumerate()
-        .find(|(_, t)| **t < 0)
-    {
-        return Err(format!(
-            "row {row}: timestamp {t} is before 1970-01-01T00:00:00Z"
-        ));
+    for (row, &t) in chunk.time_unix_nano.iter().enumerate() {
+        limits
+            .check_time(t)
+            .map_err(|m| format!("row {row}: {m}"))?;
     }
     for (i, column) in chunk.fields.iter().enumerate() {
         let key = &column.key;
@@ -366,17 +437,12 @@ fn validate_chunk(chunk: &TableChunk, common_tags: &[Tag]) -> Result<(), String>
     Ok(())
 }
 
-fn validate_point(point: &Point) -> Result<(), String> {
+fn validate_point(point: &Point, limits: &BatchLimits) -> Result<(), String> {
     check_measurement(&point.measurement)?;
     if point.fields.is_empty() {
         return Err("no fields".into());
     }
-    if point.time_unix_nano < 0 {
-        return Err(format!(
-            "timestamp {} is before 1970-01-01T00:00:00Z",
-            point.time_unix_nano
-        ));
-    }
+    limits.check_time(point.time_unix_nano)?;
     for (i, tag) in point.tags.iter().enumerate() {
         check_tag(&tag.key, &tag.value)?;
         if point.tags[..i].iter().any(|t| t.key == tag.key) {
@@ -535,7 +601,50 @@ mod tests {
         }
     }
 
-    const LIMITS: BatchLimits = BatchLimits { max_points: 10 };
+    const LIMITS: BatchLimits = BatchLimits::points(10);
+
+    #[test]
+    fn timestamps_outside_the_clock_bounds_name_the_bound() {
+        const HOUR: i64 = 3_600_000_000_000;
+        let now = 1_700_000_000_000_000_000;
+        let limits = BatchLimits::around(now, 10, 7 * 24 * 3600, 30 * 24 * 3600);
+        let at = |t: i64| {
+            let mut p = point("cpu");
+            p.time_unix_nano = t;
+            validate_batch(&batch(vec![point("cpu"), p]), limits)
+        };
+        assert_eq!(at(now + 7 * 24 * HOUR), Ok(()));
+        assert_eq!(at(now - 30 * 24 * HOUR), Ok(()));
+        let ahead = at(now + 7 * 24 * HOUR + 1).expect_err("ahead").0;
+        assert!(
+            ahead.starts_with(
+                "point 1 (measurement \"cpu\"): timestamp 2023-11-21T22:13:20.000000001Z"
+            ),
+            "{ahead}"
+        );
+        assert!(
+            ahead.contains("max_time_skew_secs") && ahead.contains("2023-11-21T22:13:20Z"),
+            "{ahead}"
+        );
+        let behind = at(now - 30 * 24 * HOUR - 1).expect_err("behind").0;
+        assert!(
+            behind.contains("max_time_age_secs")
+                && behind.contains("2023-10-15T22:13:19.999999999Z"),
+            "{behind}"
+        );
+        // 0 turns a bound off.
+        let open = BatchLimits::around(now, 10, 0, 0);
+        assert_eq!(
+            validate_batch(
+                &batch(vec![Point {
+                    time_unix_nano: i64::MAX,
+                    ..point("cpu")
+                }]),
+                open
+            ),
+            Ok(())
+        );
+    }
 
     #[test]
     fn accepts_a_good_batch() {

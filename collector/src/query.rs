@@ -1256,8 +1256,7 @@ mod tests {
 mod last_value_tests {
     use super::*;
     use crate::config::{CollectorConfig, WalSync};
-    use crate::store::WriteOutcome;
-    use damselfly_proto::v1::{Field, Point, Tag, WriteBatch, field::Value};
+    use damselfly_proto::v1::{Field, Point, Tag, field::Value};
 
     const SECOND: i64 = 1_000_000_000;
 
@@ -1307,20 +1306,7 @@ mod last_value_tests {
         }
     }
 
-    async fn write(store: &Store, seq: u64, points: Vec<Point>) {
-        let outcome = store
-            .write(WriteBatch {
-                agent_id: "a".into(),
-                seq,
-                points,
-                ..Default::default()
-            })
-            .await;
-        assert!(
-            matches!(outcome, WriteOutcome::Stored { .. }),
-            "{outcome:?}"
-        );
-    }
+    use crate::testutil::store_points as write;
 
     /// Rows written at `base + offset` seconds, in a scrambled order (late rows included).
     fn points(base: i64, round: i64) -> Vec<Point> {

@@ -108,6 +108,9 @@ pub struct StoreStats {
     pub agents_seen: usize,
     pub wal_replayed_records: usize,
     pub wal_truncated_bytes: u64,
+    /// Why the last WAL append failed (e.g. the disk is full), while writes are answered "retry"; `None` once an
+    /// append succeeds again.
+    pub wal_error: Option<String>,
 }
 
 enum WriterMsg {
@@ -156,7 +159,12 @@ struct Inner {
     taps: Taps,
     /// The collector's own metrics (`/metrics`, `damselfly.metrics`).
     metrics: Arc<crate::selfmetrics::SelfMetrics>,
+    /// See [`StoreStats::wal_error`]; set and cleared by the writer thread.
+    wal_error: WalError,
 }
+
+/// The last WAL append error, shared between the writer thread and `/health`.
+type WalError = Arc<Mutex<Option<String>>>;
 
 /// Locks the shared state. A poisoned lock means a panic elsewhere; the data is still consistent (every
 /// mutation is a single step), so carry on rather than cascade.
@@ -281,7 +289,9 @@ impl Store {
         let in_progress_limit = (config.max_buffer_bytes / 4).clamp(1, Semaphore::MAX_PERMITS);
         let taps: Taps = Arc::default();
         let metrics = Arc::new(crate::selfmetrics::SelfMetrics::default());
+        let wal_error = WalError::default();
         let writer = Writer {
+            wal_error: wal_error.clone(),
             metrics: metrics.clone(),
             taps: taps.clone(),
             wal,
@@ -313,6 +323,7 @@ impl Store {
                 truncated_bytes: replay.truncated_bytes,
                 taps,
                 metrics,
+                wal_error,
             }),
         })
     }
@@ -340,9 +351,7 @@ impl Store {
 
     /// Validates, deduplicates, makes durable and buffers one batch.
     pub async fn write(&self, batch: WriteBatch) -> WriteOutcome {
-        let limits = BatchLimits {
-            max_points: self.inner.config.max_batch_points,
-        };
+        let limits = self.batch_limits();
         let held = in_memory_estimate(&batch);
         let batch = match prepare_batch(batch, limits) {
             Ok(batch) => batch,
@@ -358,15 +367,24 @@ impl Store {
     pub async fn write_unkeyed(&self, mut batch: WriteBatch) -> WriteOutcome {
         batch.agent_id.clear();
         batch.seq = 0;
-        let limits = BatchLimits {
-            max_points: self.inner.config.max_batch_points,
-        };
+        let limits = self.batch_limits();
         let held = in_memory_estimate(&batch);
         let batch = match crate::model::prepare_unkeyed_batch(batch, limits) {
             Ok(batch) => batch,
             Err(invalid) => return WriteOutcome::Rejected(invalid.0),
         };
         self.write_prepared(batch, held).await
+    }
+
+    /// The configured batch limits, the timestamp bounds taken around the clock now.
+    fn batch_limits(&self) -> BatchLimits {
+        let config = &self.inner.config;
+        BatchLimits::around(
+            crate::model::now_nanos(),
+            config.max_batch_points,
+            config.max_time_skew_secs,
+            config.max_time_age_secs,
+        )
     }
 
     /// A copy of every batch made durable from now on, through a channel of `capacity` batches (see
@@ -535,6 +553,12 @@ impl Store {
             agents_seen: state.dedup.agent_count(),
             wal_replayed_records: self.inner.replayed_records,
             wal_truncated_bytes: self.inner.truncated_bytes,
+            wal_error: self
+                .inner
+                .wal_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
@@ -714,6 +738,7 @@ struct Writer {
     retry_hint_ms: Arc<AtomicU64>,
     taps: Taps,
     metrics: Arc<crate::selfmetrics::SelfMetrics>,
+    wal_error: WalError,
 }
 
 /// Whether a batch carries an (agent id, seq) key: unkeyed batches ([`Store::write_unkeyed`]) are never
@@ -829,6 +854,10 @@ impl Writer {
             let started = Instant::now();
             let appended = self.wal.append(&payloads);
             self.metrics.wal_sync(started.elapsed());
+            *self.wal_error.lock().unwrap_or_else(|p| p.into_inner()) = appended
+                .as_ref()
+                .err()
+                .map(|e| format!("WAL append failed: {}", crate::error::error_chain(e)));
             match appended {
                 Ok(_) => {
                     let mut state = lock(&self.state);
@@ -854,9 +883,13 @@ impl Writer {
                 Err(e) => {
                     self.metrics.error(crate::selfmetrics::ErrorKind::Wal);
                     tracing::error!(error = %e, "WAL append failed; answering retry");
+                    // Nothing of the group stayed in the WAL (see `Wal::append`), so nothing was acknowledged.
                     for &i in &accepted {
                         outcomes[i] = Some(WriteOutcome::Retry {
-                            message: format!("the collector cannot write its WAL: {e}"),
+                            message: format!(
+                                "WAL append failed, nothing was stored: {}; retry later",
+                                crate::error::error_chain(&e)
+                            ),
                             after: Duration::from_secs(5),
                         });
                     }

@@ -571,7 +571,7 @@ mod tests {
         assert_eq!(b.rows(), 6);
         let batches = b.finish();
         assert_eq!(batches.len(), 2);
-        let limits = crate::model::BatchLimits { max_points: 3 };
+        let limits = crate::model::BatchLimits::points(3);
         let mut seen = Vec::new();
         for batch in batches {
             assert_eq!(damselfly_proto::columnar::batch_rows(&batch), 3);
