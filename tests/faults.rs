@@ -170,24 +170,6 @@ fn final_stat(log: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in the agent's final stats:\n{log}"))
 }
 
-/// `damselfly tokens create` for an agent of namespace `default`.
-fn agent_token(data_dir: &Path) -> String {
-    let out = Command::new(damselfly_bin())
-        .args([
-            "tokens", "create", "--quiet", "--role", "agent", "--ns", "default",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// (1) Agent and collector in two network namespaces joined by a veth pair; the link is cut for several push
 /// intervals while the agent collects, then restored. Every row the agent collected is stored exactly once, and
 /// every batch it made was acknowledged.
@@ -225,7 +207,7 @@ fn partition_between_agent_and_collector_loses_nothing() {
     let spool = state.join("spool");
     // Beyond loopback the collector wants auth and TLS: the agent gets a token of namespace `default`; TLS is
     // left out (`--insecure`) as the link is a veth pair between two namespaces of this test.
-    let token = agent_token(&store);
+    let token = common::create_token(&store, "agent", &["default"]);
     let grpc_addr = format!("{ip_c}:50051");
     let (collector, grpc) = collector_in(
         &ns_c,
