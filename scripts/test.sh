@@ -16,7 +16,8 @@ export DAMSELFLY_TEST_PYTHON="$PWD/$VENV/bin/python"
 # Real servers and clients the black-box tests start: VictoriaMetrics (a forwarding destination) and vmagent
 # (an independent Prometheus scraper and remote-write sender), both from the victoria-metrics package;
 # node_exporter (a real exporter to scrape); OpenSSH (sshd on a 127.0.0.1 high port for `damselfly agent install
-# --ssh`); psql (the PostgreSQL client, tests/pgwire.rs); chromium (the headless browser of tests/ui_browser.rs).
+# --ssh`); psql (the PostgreSQL client, tests/pgwire.rs); chromium (the headless browser of tests/ui_browser.rs);
+# ip (network namespaces and veth pairs of tests/faults.rs).
 MISSING=()
 command -v victoria-metrics >/dev/null 2>&1 || MISSING+=(victoria-metrics)
 command -v prometheus-node-exporter >/dev/null 2>&1 || MISSING+=(prometheus-node-exporter)
@@ -24,6 +25,7 @@ command -v prometheus-node-exporter >/dev/null 2>&1 || MISSING+=(prometheus-node
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || MISSING+=(openssh-client)
 command -v psql >/dev/null 2>&1 || MISSING+=(postgresql-client)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+command -v ip >/dev/null 2>&1 || MISSING+=(iproute2)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "==> installing ${MISSING[*]} (Debian packages the tests need)"
   SUDO=""
