@@ -44,7 +44,7 @@ use damselfly_proto::v1::shards_client::ShardsClient;
 use damselfly_proto::v1::{
     Ack, AckStatus, ShardMap, ShardMapRequest, WriteBatch, ingest_client::IngestClient,
 };
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::StreamExt;

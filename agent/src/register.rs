@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use damselfly_proto::v1::agents_client::AgentsClient;
 use damselfly_proto::v1::{AgentMode, HeartbeatRequest, HostFacts, RegisterRequest, Tag};
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Code;
