@@ -391,8 +391,10 @@ fn full_disk_stops_acknowledging_and_loses_nothing_acknowledged() {
     let (code, body) = write_lines(&collector.http, &fill_lines(next, ROWS));
     next += ROWS;
     assert_eq!(code, 503, "{body}");
-    let (_, health) = http_get(&format!("{}/health", collector.http)).unwrap();
+    let (code, health) = http_get(&format!("{}/health", collector.http)).unwrap();
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
     assert!(
         health["store"]["wal_error"]
             .as_str()
@@ -423,9 +425,14 @@ fn full_disk_stops_acknowledging_and_loses_nothing_acknowledged() {
         assert_eq!(code, 204, "after space returned: {body}");
         acked += ROWS;
     }
-    let (_, health) = http_get(&format!("{}/health", collector.http)).unwrap();
+    let (code, health) = http_get(&format!("{}/health", collector.http)).unwrap();
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert!(health["store"]["wal_error"].is_null(), "{health}");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (200, Some("ok")),
+        "{health}"
+    );
     assert_eq!(count_fill(&collector), acked);
 
     // Killed without a flush: the WAL alone brings back every acknowledged row.

@@ -77,3 +77,91 @@ async fn an_agent_over_its_points_per_second_is_told_to_retry_and_nothing_is_los
     .unwrap();
     assert_eq!(stored, 500, "only the acknowledged batches are stored");
 }
+
+/// Line protocol for namespace (bucket) `ns`: one row of `table` per host. Returns the status and the message.
+fn write_hosts(http: &str, ns: &str, table: &str, hosts: std::ops::Range<usize>) -> (u16, String) {
+    let body: String = hosts
+        .map(|h| format!("{table},host=h{h} v=1 1700000000000000000\n"))
+        .collect();
+    let (status, body) = common::http_post(
+        &format!("{http}/api/v2/write?bucket={ns}&precision=ns"),
+        body.as_bytes(),
+    )
+    .unwrap();
+    // Errors come as InfluxDB's JSON: the message, unescaped.
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or(body);
+    (status, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_over_its_series_limit_is_refused_and_the_count_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("limits.toml");
+    std::fs::write(&config, "max_series_per_namespace = 10\n").unwrap();
+    let data = dir.path().join("data");
+    let config = config.to_str().unwrap().to_string();
+    let collector = CollectorProc::start(&data, &["--config", &config]);
+
+    assert_eq!(write_hosts(&collector.http, "a", "cpu", 0..8).0, 204);
+    // 8 known + 3 new = 11: the whole request is refused, naming the namespace, the count and the limit.
+    let (status, body) = write_hosts(&collector.http, "a", "cpu", 5..11);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("namespace \"a\" has 8 series and this batch adds 3 new ones")
+            && body.contains("limit of 10 series per namespace (max_series_per_namespace)"),
+        "{body}"
+    );
+    // Known series always pass; up to the limit new ones too; another table's rows are other series.
+    assert_eq!(write_hosts(&collector.http, "a", "cpu", 0..8).0, 204);
+    assert_eq!(write_hosts(&collector.http, "a", "cpu", 8..10).0, 204);
+    let (status, body) = write_hosts(&collector.http, "a", "mem", 0..1);
+    assert_eq!(status, 400, "{body}");
+    // Another namespace has a count of its own.
+    assert_eq!(write_hosts(&collector.http, "b", "cpu", 0..10).0, 204);
+
+    // gRPC: a REJECTED ack with the same message, and nothing of the batch stored.
+    let mut client = IngestClient::connect(collector.grpc.clone()).await.unwrap();
+    let mut grpc = batch("agent-a", 1, 1);
+    grpc.common_tags = vec![damselfly_proto::v1::Tag {
+        key: "ns_id".into(),
+        value: "a".into(),
+    }];
+    let ack = client.write(grpc.clone()).await.unwrap().into_inner();
+    assert_eq!(ack.status(), AckStatus::Rejected, "{ack:?}");
+    assert!(ack.message.contains("max_series_per_namespace"), "{ack:?}");
+
+    // After a restart the series in files still count: once the start-up read is done, a new one is refused.
+    let collector = tokio::task::spawn_blocking(move || {
+        // Rows, not series: a wrote h0-h7 twice, then h8-h9; b h0-h9.
+        assert_eq!(collector.count("cpu"), 28);
+        assert_eq!(collector.count("flood"), 0);
+        assert!(collector.proc.terminate().success());
+        assert!(
+            !common::parquet_files(&data).is_empty(),
+            "rows are in files"
+        );
+        let collector = CollectorProc::start(&data, &["--config", &config]);
+        common::wait_until(
+            std::time::Duration::from_secs(30),
+            "the start-up files read",
+            || {
+                let (_, health) = common::http_get(&format!("{}/health", collector.http)).unwrap();
+                health.contains("\"tables_warming\":0")
+            },
+        );
+        collector
+    })
+    .await
+    .unwrap();
+    let (status, body) = write_hosts(&collector.http, "a", "cpu", 10..11);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("namespace \"a\" has 10 series"), "{body}");
+    assert_eq!(write_hosts(&collector.http, "a", "cpu", 0..10).0, 204);
+    assert_eq!(write_hosts(&collector.http, "c", "cpu", 0..1).0, 204);
+    tokio::task::spawn_blocking(move || assert!(collector.proc.terminate().success()))
+        .await
+        .unwrap();
+}

@@ -85,6 +85,9 @@ pub struct CollectorConfig {
     /// "Latest value per series"). A table with more is not cached: its latest-value queries scan files. 0 turns
     /// the cache off. Default 100,000.
     pub last_value_cache_max_series: usize,
+    /// Series (a table plus its tag set) one namespace may have; a batch that would add more is refused with a
+    /// message naming the namespace and the limit (see [`crate::cardinality`]). 0 = no limit. Default 1,000,000.
+    pub max_series_per_namespace: usize,
     /// Most points in one batch. Default 100,000.
     pub max_batch_points: usize,
     /// Rows stamped more than this many seconds after the collector's clock are refused (the whole batch, with a
@@ -185,6 +188,7 @@ impl Default for CollectorConfig {
             max_grpc_message_bytes: 16 << 20,
             last_value_cache_max_series: 100_000,
             max_agent_points_per_sec: 0,
+            max_series_per_namespace: 1_000_000,
             max_batch_points: 100_000,
             max_time_skew_secs: 7 * 86_400,
             max_time_age_secs: 0,

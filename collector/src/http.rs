@@ -255,17 +255,35 @@ impl From<QueryError> for ApiError {
 async fn health(State(api): State<Arc<ApiState>>) -> Response {
     let stats = api.store.stats();
     let alive = api.store.writer_alive();
+    // Writes cannot be acknowledged while the writer is down (failed) or the WAL refuses appends, e.g. on a full
+    // disk (degraded: it recovers by itself once an append succeeds). Either way a load balancer should look
+    // elsewhere, so both answer 503.
+    let problem = if !alive {
+        Some((
+            "failed",
+            "the WAL writer has stopped: no write can be acknowledged; see the collector's log"
+                .to_string(),
+        ))
+    } else {
+        stats.wal_error.as_ref().map(|e| {
+            (
+                "degraded",
+                format!(
+                    "writes are answered 'retry later' until the WAL accepts appends again: {e}"
+                ),
+            )
+        })
+    };
     let mut body = serde_json::json!({
-        "status": if alive { "ok" } else { "failed" },
+        "status": problem.as_ref().map_or("ok", |(status, _)| *status),
         "shard": api.store.config().shard_id,
         "version": env!("CARGO_PKG_VERSION"),
         "store": stats,
     });
-    if alive {
+    let Some((_, error)) = problem else {
         return axum::Json(body).into_response();
-    }
-    body["error"] =
-        "the WAL writer has stopped: no write can be acknowledged; see the collector's log".into();
+    };
+    body["error"] = error.into();
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 

@@ -22,7 +22,7 @@ use arrow::datatypes::{SchemaRef, TimestampNanosecondType};
 use damselfly_proto::columnar::{chunk_rows, chunk_rows_to_points, points_to_chunks, series_of};
 use damselfly_proto::v1::{Point, TableChunk, Tag, WriteBatch};
 
-use crate::model::{TIME_COLUMN, chunk_common_tags};
+use crate::model::TIME_COLUMN;
 use crate::persist::conform;
 
 /// The newest row of each series, per table.
@@ -226,24 +226,11 @@ fn materialize(
     Ok(out)
 }
 
-/// A series' identity: its tags (common ones the chunk does not override, then the chunk's), sorted by key.
+/// A series' identity: its sorted tags, length-prefixed, so no tag value (whatever bytes it holds) can make two
+/// tag sets look alike.
 fn series_key(chunk: &TableChunk, common_tags: &[Tag], series: usize) -> String {
-    let mut tags: Vec<(&str, &str)> = chunk_common_tags(chunk, common_tags)
-        .map(|t| (t.key.as_str(), t.value.as_str()))
-        .collect();
-    if let Some(s) = chunk.series.get(series) {
-        tags.extend(
-            chunk
-                .tag_keys
-                .iter()
-                .map(String::as_str)
-                .zip(s.tag_values.iter().map(String::as_str)),
-        );
-    }
-    tags.sort_unstable();
     let mut key = String::new();
-    for (k, v) in tags {
-        // Length-prefixed, so no tag value (whatever bytes it holds) can make two tag sets look alike.
+    for (k, v) in crate::cardinality::series_tags(chunk, common_tags, series) {
         for part in [k, v] {
             key.push_str(&part.len().to_string());
             key.push(':');

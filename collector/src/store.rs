@@ -80,6 +80,8 @@ pub struct State {
     pub rollups: crate::rollup::Rollups,
     /// The newest row of every series (see [`crate::lastvalue`]).
     pub last: crate::lastvalue::LastValues,
+    /// Series per namespace, for `max_series_per_namespace` (see [`crate::cardinality`]).
+    pub series: crate::cardinality::SeriesCounts,
 }
 
 impl State {
@@ -111,6 +113,8 @@ pub struct StoreStats {
     /// Why the last WAL append failed (e.g. the disk is full), while writes are answered "retry"; `None` once an
     /// append succeeds again.
     pub wal_error: Option<String>,
+    /// Tables whose start-up files are still being read for the last-value cache and the series counts.
+    pub tables_warming: usize,
 }
 
 enum WriterMsg {
@@ -209,6 +213,8 @@ impl Store {
             .filter(|t| !state.files.files(t).is_empty())
             .map(str::to_string)
             .collect();
+        state.series = crate::cardinality::SeriesCounts::new(config.max_series_per_namespace);
+        state.series.needs_warming(with_files.iter().cloned());
         state.last.needs_warming(with_files);
         state.dedup = Dedup::load(&dedup_path(config))?;
         let (wal, replay) = Wal::open(
@@ -220,21 +226,10 @@ impl Store {
         let mut replayed_rows = 0usize;
         let mut decoded = Vec::with_capacity(replay.records.len());
         for record in &replay.records {
-            let batch = match WriteBatch::decode(record.payload.as_slice()) {
-                // Records written before chunks existed hold points: bring them to today's shape.
-                Ok(mut b) => match crate::model::normalize(&mut b) {
-                    Ok(()) => b,
-                    Err(e) => {
-                        tracing::error!(seq = record.seq, error = %e, "WAL record cannot be normalized; skipped");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    tracing::error!(seq = record.seq, error = %e, "WAL record passed its CRC but does not decode; skipped");
-                    continue;
-                }
-            };
-            decoded.push((record.seq, batch));
+            match decode_wal_batch(&record.payload) {
+                Ok(batch) => decoded.push((record.seq, batch)),
+                Err(e) => tracing::error!(seq = record.seq, error = %e, "WAL record skipped"),
+            }
         }
         let keys: Vec<(String, u64)> = decoded
             .iter()
@@ -262,6 +257,7 @@ impl Store {
                 state.dedup.insert(&batch.agent_id, batch.seq);
             }
             state.last.observe(batch);
+            state.series.observe(batch);
             let files = &state.files;
             replayed_rows += state.active.append_batch(batch, |table, time| {
                 wal_seq > files.persisted_seq(table, hour_of(time))
@@ -532,14 +528,36 @@ impl Store {
             .rows(table, schema, |time| period.expired(hour_of(time), now))
     }
 
-    /// Tables whose start-up files the last-value cache has yet to read.
+    /// Tables whose start-up files the last-value cache or the series counts have yet to read.
     pub fn last_values_unwarmed(&self) -> Vec<String> {
-        lock(&self.inner.state).last.unwarmed()
+        let state = lock(&self.inner.state);
+        let mut tables = state.last.unwarmed();
+        tables.extend(state.series.unwarmed().map(str::to_string));
+        tables.sort();
+        tables.dedup();
+        tables
     }
 
-    /// Hands the last-value cache the newest row per series of `table`'s start-up files (`None`: unreadable).
+    /// Hands the last-value cache and the series counts the newest row per series of `table`'s start-up files
+    /// (`None`: unreadable; the series counts then leave them out).
     pub fn last_values_warmed(&self, table: &str, rows: Option<Vec<RecordBatch>>) {
-        lock(&self.inner.state).last.warmed(table, rows);
+        let mut state = lock(&self.inner.state);
+        let tags: Vec<String> = state.catalog.table(table).map_or_else(Vec::new, |schema| {
+            schema
+                .columns()
+                .filter(|(_, kind)| *kind == crate::model::ColumnKind::Tag)
+                .map(|(name, _)| name.to_string())
+                .collect()
+        });
+        state
+            .series
+            .warmed(table, rows.as_deref().unwrap_or_default(), &tags);
+        state.last.warmed(table, rows);
+    }
+
+    /// Series known in `namespace` (0 when `max_series_per_namespace` is off: nothing is counted).
+    pub fn namespace_series(&self, namespace: &str) -> usize {
+        lock(&self.inner.state).series.series(namespace)
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -559,6 +577,12 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            tables_warming: {
+                let mut tables: HashSet<&str> = state.series.unwarmed().collect();
+                let last = state.last.unwarmed();
+                tables.extend(last.iter().map(String::as_str));
+                tables.len()
+            },
         }
     }
 
@@ -743,6 +767,17 @@ struct Writer {
 
 /// Whether a batch carries an (agent id, seq) key: unkeyed batches ([`Store::write_unkeyed`]) are never
 /// deduplicated.
+/// A WAL record's payload as the batch it holds, normalized (records written before chunks existed hold points:
+/// they are brought to today's shape). Checked again as on the way in, but for the limits that applied then
+/// (size, clock): a record that passes its CRC yet breaks the buffer's invariants (a series index out of range,
+/// say) is refused here rather than crashing every start-up (found by the `wal_segment` fuzz target).
+pub fn decode_wal_batch(payload: &[u8]) -> std::result::Result<WriteBatch, String> {
+    let batch = WriteBatch::decode(payload)
+        .map_err(|e| format!("the record passed its CRC but does not decode: {e}"))?;
+    crate::model::prepare_unkeyed_batch(batch, crate::model::BatchLimits::points(usize::MAX))
+        .map_err(|e| format!("the record holds an invalid batch: {e}"))
+}
+
 fn is_keyed(batch: &WriteBatch) -> bool {
     batch.seq != 0
 }
@@ -811,6 +846,7 @@ impl Writer {
     fn commit(&mut self, group: Vec<(WriteBatch, usize, oneshot::Sender<WriteOutcome>)>) {
         let mut outcomes: Vec<Option<WriteOutcome>> = vec![None; group.len()];
         let mut accepted = Vec::new();
+        let mut new_series = crate::cardinality::Pending::default();
         {
             let state = lock(&self.state);
             // The hard limit, batch by batch: writes that waited in `Store::write` may all have seen free space at
@@ -834,9 +870,20 @@ impl Writer {
                         Duration::ZERO,
                         retry_after(&self.retry_hint_ms),
                     ));
-                } else if let Err(conflict) = state.catalog.check_batch(batch, &mut overlay) {
-                    outcomes[i] = Some(WriteOutcome::Rejected(conflict.to_string()));
                 } else {
+                    // Series before schema: a batch refused for its series must not leave columns in `overlay`.
+                    let admitted = match state.series.admit(batch, &new_series) {
+                        Ok(admitted) => admitted,
+                        Err(message) => {
+                            outcomes[i] = Some(WriteOutcome::Rejected(message));
+                            continue;
+                        }
+                    };
+                    if let Err(conflict) = state.catalog.check_batch(batch, &mut overlay) {
+                        outcomes[i] = Some(WriteOutcome::Rejected(conflict.to_string()));
+                        continue;
+                    }
+                    new_series.merge(admitted);
                     seen.insert((batch.agent_id.as_str(), batch.seq));
                     accepted.push(i);
                     projected = projected.saturating_add(*bytes);
@@ -861,6 +908,7 @@ impl Writer {
             match appended {
                 Ok(_) => {
                     let mut state = lock(&self.state);
+                    state.series.commit(new_series);
                     for &i in &accepted {
                         let batch = &group[i].0;
                         if let Err(conflict) = state.catalog.apply_batch(batch) {

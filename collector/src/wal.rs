@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{CollectorError, Result};
 use crate::fsutil::sync_dir;
 
-const MAGIC: &[u8; 8] = b"DMSFWAL1";
+/// The first bytes of every segment.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"DMSFWAL1";
+const MAGIC: &[u8; 8] = SEGMENT_MAGIC;
 const HEADER_BYTES: usize = 16;
 /// Largest payload a record may carry; anything larger in a file is damage, not data.
 pub const MAX_RECORD_BYTES: usize = 256 << 20;

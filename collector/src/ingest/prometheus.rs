@@ -134,27 +134,37 @@ pub fn time_ns(ms: i64) -> Result<i64, String> {
         .ok_or_else(|| format!("timestamp {ms} ms is past the year 2262"))
 }
 
+/// Gives a table as stored (None for a new table).
+type SchemaLookup<'s> = dyn FnMut(&str) -> Option<TableSchema> + 's;
+
 /// Checks series against the columns their tables already have, so that a conflict costs one series, not the
 /// whole write: `value` must be (or become) an f64 field, each tag a tag. Each table's schema is read once.
 pub struct SchemaGuard<'s> {
-    store: &'s Store,
+    /// The table as stored (None for a new table); asked once per table.
+    lookup: Box<SchemaLookup<'s>>,
     tables: HashMap<String, Option<TableSchema>>,
 }
 
 impl<'s> SchemaGuard<'s> {
+    /// Checks against the store's catalog.
     pub fn new(store: &'s Store) -> SchemaGuard<'s> {
+        SchemaGuard::with_lookup(|table| store.with_state(|s| s.catalog.table(table).cloned()))
+    }
+
+    /// Checks against the tables `lookup` gives (the fuzz targets use an in-memory catalog).
+    pub fn with_lookup(lookup: impl FnMut(&str) -> Option<TableSchema> + 's) -> SchemaGuard<'s> {
         SchemaGuard {
-            store,
+            lookup: Box::new(lookup),
             tables: HashMap::new(),
         }
     }
 
     pub fn check(&mut self, series: &MappedSeries) -> Result<(), String> {
-        let store = self.store;
+        let lookup = &mut self.lookup;
         let schema = self
             .tables
             .entry(series.table.clone())
-            .or_insert_with(|| store.with_state(|s| s.catalog.table(&series.table).cloned()));
+            .or_insert_with(|| lookup(&series.table));
         let Some(schema) = schema else {
             return Ok(());
         };

@@ -39,7 +39,6 @@ use super::prometheus::{
     time_ns, write_batches,
 };
 use crate::http::{ApiError, ApiState, retry_response};
-use crate::store::Store;
 
 /// Bodies larger than this (decompressed) are decoded and mapped on the blocking pool, so a big write does not
 /// hold up an async worker; smaller ones inline, where handing them over would cost more than the work.
@@ -165,14 +164,8 @@ async fn write_inner(
     let inline = raw.len() <= MAP_INLINE_BYTES;
     let store = api.store.clone();
     let map = move || -> Result<Mapped, ApiError> {
-        let request = WriteRequest::decode(raw.as_slice()).map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not a remote-write 1.0 WriteRequest protobuf: {e}"),
-            )
-        })?;
-        drop(raw);
-        Ok(map_request(request, ns.as_deref(), &store))
+        let max_rows = store.config().max_batch_points;
+        decode_request(raw, ns.as_deref(), max_rows, SchemaGuard::new(&store))
     };
     let mapped = if inline {
         map()?
@@ -335,7 +328,8 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Snappy block format, bounded by `limit` before anything is allocated.
-fn decompress(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Decompresses a body (snappy's block format), refusing one that would exceed `limit` bytes before allocating.
+pub fn decompress(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
     if body.starts_with(SNAPPY_FRAMED_MAGIC) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -379,22 +373,45 @@ fn decompress(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
-/// A decoded request as batches, with what was refused.
-struct Mapped {
-    batches: Vec<damselfly_proto::v1::WriteBatch>,
-    /// Samples in `batches`.
-    rows: usize,
-    /// Samples refused (those of refused series included).
-    refused_samples: usize,
-    /// Why, series by series (the first [`MAX_KEPT_ERRORS`]).
-    errors: Vec<String>,
-    /// Native histograms ignored.
-    histograms: usize,
+/// Decodes a decompressed body as a `WriteRequest` and maps it to batches of at most `max_rows` rows, refusing
+/// series by series what `guard` says the stored tables would refuse.
+pub fn decode_request(
+    raw: Vec<u8>,
+    ns: Option<&str>,
+    max_rows: usize,
+    guard: SchemaGuard<'_>,
+) -> Result<Mapped, ApiError> {
+    let request = WriteRequest::decode(raw.as_slice()).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a remote-write 1.0 WriteRequest protobuf: {e}"),
+        )
+    })?;
+    drop(raw);
+    Ok(map_request(request, ns, max_rows, guard))
 }
 
-fn map_request(request: WriteRequest, ns: Option<&str>, store: &Store) -> Mapped {
-    let mut builder = RowsBuilder::new(store.config().max_batch_points);
-    let mut guard = SchemaGuard::new(store);
+/// A decoded request as batches, with what was refused.
+#[derive(Debug)]
+pub struct Mapped {
+    pub batches: Vec<damselfly_proto::v1::WriteBatch>,
+    /// Samples in `batches`.
+    pub rows: usize,
+    /// Samples refused (those of refused series included).
+    pub refused_samples: usize,
+    /// Why, series by series (the first [`MAX_KEPT_ERRORS`]).
+    pub errors: Vec<String>,
+    /// Native histograms ignored.
+    pub histograms: usize,
+}
+
+fn map_request(
+    request: WriteRequest,
+    ns: Option<&str>,
+    max_rows: usize,
+    mut guard: SchemaGuard<'_>,
+) -> Mapped {
+    let mut builder = RowsBuilder::new(max_rows);
     let mut refused_samples = 0;
     let mut errors: Vec<String> = Vec::new();
     let mut histograms = 0;

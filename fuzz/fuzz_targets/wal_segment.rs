@@ -1,0 +1,5 @@
+#![no_main]
+//! See `damselfly_collector::fuzzing::wal_segment`.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    damselfly_collector::fuzzing::wal_segment(data);
+});
