@@ -282,6 +282,7 @@ fn local_agent_token(config: &CollectorConfig, ns: &str) -> Result<String, Strin
             "local agent (damselfly up)",
             Role::Agent,
             vec![ns.to_string()],
+            None,
         )
         .map_err(|e| e.to_string())?;
     if let Some(dir) = path.parent() {

@@ -52,6 +52,10 @@ pub struct CreateArgs {
     /// A namespace the token is limited to (repeat for several; exactly one for an agent token).
     #[arg(long = "ns", value_name = "NS")]
     namespaces: Vec<String>,
+    /// How long the token works, e.g. 90d or 12h (units s, m, h, d); from then on it is refused with a message
+    /// saying it expired [default: never].
+    #[arg(long, value_name = "DURATION")]
+    expires_in: Option<String>,
     /// A name to recognise it by in listings.
     #[arg(long, value_name = "TEXT", default_value = "")]
     name: String,
@@ -77,18 +81,34 @@ fn run(command: TokensCommand) -> Result<(), String> {
         TokensCommand::Create(args) => {
             let role = Role::parse(&args.role).map_err(|e| e.to_string())?;
             let tokens = args.file.tokens();
+            let expires_unix = args
+                .expires_in
+                .as_deref()
+                .map(|text| {
+                    let d = damselfly_collector::alerts::rules::parse_duration(text)
+                        .map_err(|e| format!("--expires-in: {e}"))?;
+                    if d.as_secs() == 0 {
+                        return Err("--expires-in: give at least 1s".to_string());
+                    }
+                    Ok(damselfly_collector::model::unix_ms_now() / 1000 + d.as_secs())
+                })
+                .transpose()?;
             let (record, token) = tokens
-                .create(&args.name, role, args.namespaces)
+                .create(&args.name, role, args.namespaces, expires_unix)
                 .map_err(|e| e.to_string())?;
             if args.quiet {
                 println!("{token}");
             } else {
                 println!("{token}");
                 eprintln!(
-                    "created token {} (role {}, namespaces {}) in {}; it is not shown again",
+                    "created token {} (role {}, namespaces {}, {}) in {}; it is not shown again",
                     record.id,
                     record.role.name(),
                     namespaces_text(&record.namespaces),
+                    record.expires_unix.map_or_else(
+                        || "never expires".to_string(),
+                        |t| format!("expires {}", damselfly_collector::auth::unix_text(t))
+                    ),
                     tokens.path().display()
                 );
             }
@@ -97,16 +117,26 @@ fn run(command: TokensCommand) -> Result<(), String> {
         TokensCommand::List(file) => {
             let records = file.tokens().records().map_err(|e| e.to_string())?;
             println!(
-                "{:<12}  {:<6}  {:<20}  {:<8}  NAME",
-                "ID", "ROLE", "NAMESPACES", "STATE"
+                "{:<12}  {:<6}  {:<20}  {:<8}  {:<20}  NAME",
+                "ID", "ROLE", "NAMESPACES", "STATE", "EXPIRES"
             );
+            let now = damselfly_collector::model::unix_ms_now() / 1000;
             for r in records {
+                let state = if r.revoked {
+                    "revoked"
+                } else if r.expires_unix.is_some_and(|t| now >= t) {
+                    "expired"
+                } else {
+                    "active"
+                };
                 println!(
-                    "{:<12}  {:<6}  {:<20}  {:<8}  {}",
+                    "{:<12}  {:<6}  {:<20}  {:<8}  {:<20}  {}",
                     r.id,
                     r.role.name(),
                     namespaces_text(&r.namespaces),
-                    if r.revoked { "revoked" } else { "active" },
+                    state,
+                    r.expires_unix
+                        .map_or_else(|| "never".to_string(), damselfly_collector::auth::unix_text),
                     r.name
                 );
             }

@@ -289,6 +289,38 @@ async fn tokens_keep_namespaces_apart_on_every_protocol() {
         wait_until(Duration::from_secs(10), "the revocation to apply", || {
             namespaces_seen(&http, Some(&reader_all2)).is_err_and(|(code, _)| code == 401)
         });
+
+        // Expiring: works until its time, then is refused saying so.
+        let (ok, out) = tokens_cli(
+            &data2,
+            &["create", "--quiet", "--role", "read", "--expires-in", "4s"],
+        );
+        assert!(ok, "{out}");
+        let expiring = out.trim().to_string();
+        assert!(namespaces_seen(&http, Some(&expiring)).is_ok());
+        let (ok, listing) = tokens_cli(&data2, &["list"]);
+        assert!(ok && listing.contains("EXPIRES"), "{listing}");
+        let mut refusal = String::new();
+        wait_until(
+            Duration::from_secs(15),
+            "the token to expire",
+            || match namespaces_seen(&http, Some(&expiring)) {
+                Err((401, body)) => {
+                    refusal = body;
+                    true
+                }
+                _ => false,
+            },
+        );
+        assert!(refusal.contains("expired at"), "{refusal}");
+        let (ok, out) = tokens_cli(
+            &data2,
+            &["create", "--role", "read", "--expires-in", "soon"],
+        );
+        assert!(
+            !ok && out.contains("--expires-in: \"soon\" is not a duration"),
+            "{out}"
+        );
     })
     .await
     .unwrap();

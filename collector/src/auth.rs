@@ -79,6 +79,11 @@ pub enum AuthError {
     /// Not a token this collector knows (malformed, unknown, revoked or wrong).
     #[error("invalid or revoked token")]
     Unknown,
+    /// A genuine token past its expiry (said only to whoever holds the secret).
+    #[error(
+        "token {id} expired at {at}: create a new one (damselfly tokens create --expires-in ...)"
+    )]
+    Expired { id: String, at: String },
     /// A valid token without the right.
     #[error("{0}")]
     Forbidden(String),
@@ -87,6 +92,17 @@ pub enum AuthError {
     Invalid(String),
     #[error("token file {path}: {message}")]
     File { path: PathBuf, message: String },
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+pub fn unix_text(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map_or_else(
+            || format!("{secs} s after 1970"),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
 }
 
 /// One stored token (the secret's hash, never the secret).
@@ -102,6 +118,9 @@ pub struct TokenRecord {
     pub secret_sha256: String,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    /// When the token stops working (seconds since the Unix epoch); `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
     #[serde(default)]
     pub revoked: bool,
 }
@@ -215,6 +234,14 @@ impl Tokens {
         if !constant_time_eq(record.secret_sha256.as_bytes(), hash.as_bytes()) {
             return Err(AuthError::Unknown);
         }
+        if let Some(expires) = record.expires_unix
+            && crate::model::unix_ms_now() / 1000 >= expires
+        {
+            return Err(AuthError::Expired {
+                id: record.id.clone(),
+                at: unix_text(expires),
+            });
+        }
         Ok(Principal {
             token_id: record.id.clone(),
             role: record.role,
@@ -260,11 +287,14 @@ impl Tokens {
     }
 
     /// Creates a token; returns its record and the token itself (shown once: only its hash is kept).
+    /// Creates a token (expiring at `expires_unix`, seconds since the epoch, if given) and returns it with its
+    /// record; only the record is kept.
     pub fn create(
         &self,
         name: &str,
         role: Role,
         namespaces: Vec<String>,
+        expires_unix: Option<u64>,
     ) -> Result<(TokenRecord, String), AuthError> {
         if role == Role::Agent && namespaces.len() != 1 {
             return Err(AuthError::Invalid(
@@ -297,6 +327,7 @@ impl Tokens {
             namespaces,
             secret_sha256: sha256_hex(&secret),
             created_unix: crate::model::unix_ms_now() / 1000,
+            expires_unix,
             revoked: false,
         };
         file.tokens.push(record.clone());
@@ -576,7 +607,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = Tokens::new(dir.path().join("tokens.json"));
         let (record, token) = tokens
-            .create("web readers", Role::Read, vec!["ns1".into()])
+            .create("web readers", Role::Read, vec!["ns1".into()], None)
             .expect("create");
         let stored = std::fs::read_to_string(tokens.path()).expect("file");
         let secret = token.rsplit('_').next().expect("secret");
@@ -607,12 +638,41 @@ mod tests {
     }
 
     #[test]
+    fn expired_tokens_are_refused_saying_when() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = Tokens::new(dir.path().join("tokens.json"));
+        let now = crate::model::unix_ms_now() / 1000;
+        let (_, live) = tokens
+            .create("later", Role::Read, vec![], Some(now + 3600))
+            .expect("create");
+        assert!(tokens.authenticate(&live).is_ok());
+        let (record, expired) = tokens
+            .create("gone", Role::Read, vec![], Some(1_700_000_000))
+            .expect("create");
+        let err = tokens.authenticate(&expired).expect_err("expired");
+        assert!(
+            matches!(&err, AuthError::Expired { id, .. } if *id == record.id),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("expired at 2023-11-14T22:13:20Z"),
+            "{err}"
+        );
+        // Without the secret, an expired token is just unknown.
+        let wrong = format!("dfy_{}_{}", record.id, "0".repeat(64));
+        assert!(matches!(
+            tokens.authenticate(&wrong),
+            Err(AuthError::Unknown)
+        ));
+    }
+
+    #[test]
     fn agent_tokens_bind_rows_to_their_namespace() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tokens = Tokens::new(dir.path().join("tokens.json"));
-        assert!(tokens.create("a", Role::Agent, vec![]).is_err());
+        assert!(tokens.create("a", Role::Agent, vec![], None).is_err());
         let (_, token) = tokens
-            .create("a", Role::Agent, vec!["ns1".into()])
+            .create("a", Role::Agent, vec!["ns1".into()], None)
             .expect("create");
         let agent = tokens.authenticate(&token).expect("valid");
         assert_eq!(agent.check_write(None).expect("own ns"), Some("ns1"));

@@ -144,7 +144,9 @@ async fn authorize(
                 Ok(p) => p,
                 Err(e) => {
                     let status = match &e {
-                        AuthError::Missing | AuthError::Unknown => StatusCode::UNAUTHORIZED,
+                        AuthError::Missing | AuthError::Unknown | AuthError::Expired { .. } => {
+                            StatusCode::UNAUTHORIZED
+                        }
                         AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
                         AuthError::Invalid(_) | AuthError::File { .. } => {
                             tracing::error!(error = %e, "cannot check a token");
