@@ -454,6 +454,9 @@ impl Connection {
             Err(e) => {
                 let message = match e {
                     crate::auth::AuthError::Forbidden(m) => m,
+                    expired @ crate::auth::AuthError::Expired { .. } => {
+                        format!("password authentication failed: {expired}")
+                    }
                     _ => {
                         "password authentication failed: the password must be a valid token".into()
                     }
