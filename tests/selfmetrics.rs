@@ -62,7 +62,10 @@ fn point(host: &str, value: f64) -> Point {
 #[test]
 fn metrics_count_what_the_collector_did_and_sql_agrees() {
     let dir = tempfile::TempDir::new().unwrap();
-    let collector = CollectorProc::start(&dir.path().join("data"), &["--flush-interval", "3600"]);
+    let collector = CollectorProc::start(
+        &dir.path().join("data"),
+        &["--flush-interval", "3600", "--pg", "127.0.0.1:0"],
+    );
     let before = scrape(&collector);
     assert_eq!(
         get(
@@ -114,6 +117,25 @@ fn metrics_count_what_the_collector_did_and_sql_agrees() {
             .unwrap()
             .into_inner();
         assert_eq!(ack.status, AckStatus::Rejected as i32);
+        // A bad query over the PostgreSQL port counts like one over HTTP.
+        let port = collector
+            .pg
+            .as_deref()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        let pg = common::pg_connect(port).await;
+        let err = pg
+            .simple_query("SELECT * FROM no_such_table")
+            .await
+            .unwrap_err();
+        let message = err.as_db_error().map(|e| e.message().to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m.contains("no_such_table")),
+            "{err:?}"
+        );
     });
     // Two good queries and a bad one.
     assert_eq!(collector.count("m"), 5);
@@ -157,10 +179,11 @@ fn metrics_count_what_the_collector_did_and_sql_agrees() {
         delta("damselfly_errors_total{kind=\"ingest_rejected\"}"),
         1.0
     );
-    assert_eq!(delta("damselfly_errors_total{kind=\"query_invalid\"}"), 1.0);
+    // One over HTTP, one over the pg port.
+    assert_eq!(delta("damselfly_errors_total{kind=\"query_invalid\"}"), 2.0);
     assert_eq!(delta("damselfly_errors_total{kind=\"flush\"}"), 0.0);
-    // Three queries: the two counts and the bad one.
-    assert_eq!(delta("damselfly_query_seconds_count"), 3.0);
+    // Four queries: the two counts and the two bad ones.
+    assert_eq!(delta("damselfly_query_seconds_count"), 4.0);
     // Three WAL group commits at most (the writes may share one), at least one.
     let commits = delta("damselfly_wal_sync_seconds_count");
     assert!((1.0..=3.0).contains(&commits), "{commits}");

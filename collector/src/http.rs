@@ -471,10 +471,7 @@ async fn sql(
         .engine
         .sql_scoped(text, Vec::new(), namespaces.as_ref())
         .await
-        .inspect_err(|e| {
-            let kind = crate::selfmetrics::ErrorKind::of_query(e);
-            api.store.self_metrics().error(kind);
-        })?;
+        .inspect_err(|e| api.engine.count_error(e))?;
     if params.complete.unwrap_or(false) && !result.missing_shards.is_empty() {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,

@@ -573,7 +573,10 @@ impl Connection {
                 tracing::debug!(sql = trimmed, error = %m, "unsupported catalog query answered with no rows");
                 Ok(catalog::empty())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                self.engine.count_error(&e);
+                Err(e.into())
+            }
         }
     }
 
@@ -665,7 +668,10 @@ impl Connection {
                         _ => None,
                     },
                 },
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.engine.count_error(&e);
+                    return Err(e.into());
+                }
             }
         };
         if let Some(s) = self.statements.get_mut(name) {

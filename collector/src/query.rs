@@ -258,6 +258,13 @@ impl QueryEngine {
         Ok((ordered, Arc::new(frame.schema().as_arrow().clone())))
     }
 
+    /// Counts a query refused or failed on behalf of a client (HTTP, the pg port) in `/metrics`, by kind.
+    pub fn count_error(&self, e: &QueryError) {
+        self.store
+            .self_metrics()
+            .error(crate::selfmetrics::ErrorKind::of_query(e));
+    }
+
     /// Plans and runs one read-only SQL statement.
     pub async fn sql(&self, sql: &str) -> Result<QueryResult, QueryError> {
         self.sql_with_params(sql, Vec::new()).await
