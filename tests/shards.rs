@@ -772,3 +772,150 @@ fn a_real_agent_follows_redirects_fails_over_and_returns() {
         || agent_seen(&owner_http, &agent, 0) && rows_since(&owner_http, &agent, back) > 0,
     );
 }
+
+/// `method url` with a bearer token: (status, body text).
+fn with_token(method: &str, url: &str, token: &str, body: &str) -> (u16, String) {
+    let bearer = format!("Bearer {token}");
+    let (code, body) = http_request(
+        method,
+        url,
+        &[("Authorization", &bearer), ("Content-Type", "text/plain")],
+        body.as_bytes(),
+    )
+    .unwrap();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn shards_with_auth_reach_each_other_with_the_peer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.json");
+    let create = |role: &str| {
+        let out = std::process::Command::new(common::damselfly_bin())
+            .args([
+                "tokens",
+                "create",
+                "--quiet",
+                "--role",
+                role,
+                "--tokens-file",
+            ])
+            .arg(&tokens)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let peer = create("admin");
+    let writer = create("write");
+    let peer_file = dir.path().join("peer.token");
+    std::fs::write(&peer_file, &peer).unwrap();
+    let shards = [Shard::new(0), Shard::new(1)];
+    let shards_file = dir.path().join("shards.toml");
+    let list: String = shards
+        .iter()
+        .map(|s| {
+            format!(
+                "[[shards]]\nid = \"{}\"\ngrpc_url = \"http://127.0.0.1:{}\"\nhttp_url = \"http://127.0.0.1:{}\"\n\n",
+                s.id, s.grpc, s.http
+            )
+        })
+        .collect();
+    std::fs::write(&shards_file, list).unwrap();
+    let config = |with_peer_token: bool| {
+        let path = dir.path().join(format!("collector-{with_peer_token}.toml"));
+        let mut text = format!(
+            "auth = true\ntokens_file = {:?}\n",
+            tokens.to_str().unwrap()
+        );
+        if with_peer_token {
+            text.push_str(&format!(
+                "peer_token_file = {:?}\n",
+                peer_file.to_str().unwrap()
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let start = |s: &Shard, config: &Path| {
+        let data = dir.path().join(&s.id);
+        let shared = dir.path().join("shared");
+        CollectorProc::start_at(
+            &data,
+            &format!("127.0.0.1:{}", s.grpc),
+            &format!("127.0.0.1:{}", s.http),
+            &[
+                "--shard-id",
+                &s.id,
+                "--shards-file",
+                shards_file.to_str().unwrap(),
+                "--shared-dir",
+                shared.to_str().unwrap(),
+                "--flush-interval",
+                "3600",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        )
+    };
+
+    // Without a peer token the shard refuses to start, saying what it needs.
+    let out = std::process::Command::new(common::damselfly_bin())
+        .args(["collector", "--data-dir"])
+        .arg(dir.path().join("refused"))
+        .args(["--shard-id", "s0", "--shards-file"])
+        .arg(&shards_file)
+        .arg("--config")
+        .arg(config(false))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("peer_token_file"), "{stderr}");
+
+    let with_peer = config(true);
+    let procs: Vec<CollectorProc> = shards.iter().map(|s| start(s, &with_peer)).collect();
+    // Each shard sees the other live: its probes pass the peer's auth.
+    for s in &shards {
+        wait_until(Duration::from_secs(20), "both shards live", || {
+            let (code, body) = with_token(
+                "GET",
+                &format!("{}/api/v1/shards", s.http_url()),
+                &writer,
+                "",
+            );
+            code == 200
+                && serde_json::from_str::<serde_json::Value>(&body).unwrap()["shards"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|s| s["live"] == true)
+                    .count()
+                    == 2
+        });
+    }
+    // A row buffered on each shard; a query through either sees both (the other's buffer comes over HTTP).
+    for s in &shards {
+        let (code, body) = with_token(
+            "POST",
+            &format!("{}/api/v2/write?bucket=a", s.http_url()),
+            &writer,
+            &format!("authed,shard={} v=1", s.id),
+        );
+        assert_eq!(code, 204, "{body}");
+    }
+    for s in &shards {
+        let (code, body) = with_token(
+            "POST",
+            &format!("{}/api/v1/sql", s.http_url()),
+            &writer,
+            "SELECT count(*) AS n FROM authed",
+        );
+        assert_eq!(code, 200, "{body}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert_eq!(rows[0]["n"], 2, "through {}: {body}", s.id);
+    }
+    for p in procs {
+        assert!(p.proc.terminate().success());
+    }
+}

@@ -244,8 +244,25 @@ impl Cluster {
                 load_shards_file(path, &config.shard_id).map_err(crate::CollectorError::Config)?;
             state.file_mtime = mtime(path);
         }
+        // With auth, peers' cluster endpoints want an admin token: every request carries the peer token.
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(path) = &config.peer_token_file {
+            let token =
+                std::fs::read_to_string(path).map_err(|e| crate::CollectorError::io(path, e))?;
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .map_err(|_| {
+                        crate::CollectorError::Config(format!(
+                            "peer_token_file {}: not a token",
+                            path.display()
+                        ))
+                    })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
+            .default_headers(headers)
             .build()
             .map_err(|e| {
                 crate::CollectorError::Server(format!("cannot build an HTTP client: {e}"))

@@ -51,6 +51,10 @@ pub struct CollectorConfig {
     /// A TOML file with the `[[shards]]` list instead, re-read whenever it changes (checked every
     /// `shard_probe_interval_ms`) and on `POST /api/v1/shards/reload`. Default: none.
     pub shards_file: Option<PathBuf>,
+    /// A file holding the token shards send each other (their `/api/v1/cluster/*` calls need an admin token when
+    /// `auth` is on): create one admin token and give every shard the same tokens file (`tokens_file`, or a copy
+    /// of it). Required with `auth` and shards. Default: none.
+    pub peer_token_file: Option<PathBuf>,
     /// How often each shard checks that the others answer (milliseconds). Default 1000, 100 to 60,000.
     pub shard_probe_interval_ms: u64,
     /// The shared store: the directory every shard writes its Parquet files to, each under `shard=<shard_id>/`
@@ -177,6 +181,7 @@ impl Default for CollectorConfig {
             shard_id: "s0".to_string(),
             shards: Vec::new(),
             shards_file: None,
+            peer_token_file: None,
             shard_probe_interval_ms: 1_000,
             shared_dir: None,
             shared_store: None,
@@ -236,6 +241,15 @@ impl CollectorConfig {
             return bad(
                 "tls with shards is not supported yet: shards reach each other over plain HTTP; run TLS \
                  collectors unsharded, or shards on a private network"
+                    .into(),
+            );
+        }
+        let sharded = !self.shards.is_empty() || self.shards_file.is_some();
+        if self.auth && sharded && self.peer_token_file.is_none() {
+            return bad(
+                "auth with shards needs peer_token_file: a file holding an admin token that every shard accepts \
+                 (create it with `damselfly tokens create --role admin`, and give every shard the same tokens \
+                 file), which shards send each other"
                     .into(),
             );
         }
