@@ -266,35 +266,36 @@ pub(crate) fn api_client(timeout: Duration) -> Result<reqwest::Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
-/// The local agent's token when `up` runs with auth: kept in `<data_dir>/agent/token` (owner-only) and reused
-/// while the collector still accepts it; otherwise a new agent token of `ns` is created.
-fn local_agent_token(config: &CollectorConfig, ns: &str) -> Result<String, String> {
-    use damselfly_collector::auth::{Role, Tokens};
-    let tokens = Tokens::new(config.tokens_path());
-    let path = config.data_dir.join("agent").join("token");
-    if let Ok(saved) = std::fs::read_to_string(&path)
-        && tokens.authenticate(saved.trim()).is_ok()
+/// A token `up` makes for itself when it runs with auth, kept in `saved` (owner-only) and reused while the tokens
+/// file still accepts it; otherwise a new one is created: the local agent's (role agent, its namespace) and, with
+/// shards, the one they send each other (admin).
+fn local_token(
+    tokens_path: &std::path::Path,
+    saved: &std::path::Path,
+    name: &str,
+    role: damselfly_collector::auth::Role,
+    namespaces: Vec<String>,
+) -> Result<String, String> {
+    use damselfly_collector::auth::Tokens;
+    let tokens = Tokens::new(tokens_path.to_path_buf());
+    if let Ok(text) = std::fs::read_to_string(saved)
+        && tokens.authenticate(text.trim()).is_ok()
     {
-        return Ok(saved.trim().to_string());
+        return Ok(text.trim().to_string());
     }
     let (_, token) = tokens
-        .create(
-            "local agent (damselfly up)",
-            Role::Agent,
-            vec![ns.to_string()],
-            None,
-        )
+        .create(name, role, namespaces, None)
         .map_err(|e| e.to_string())?;
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = saved.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    damselfly_collector::fsutil::write_atomically(&path, token.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    damselfly_collector::fsutil::write_atomically(saved, token.as_bytes())
+        .map_err(|e| format!("{}: {e}", saved.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::set_permissions(saved, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("{}: {e}", saved.display()))?;
     }
     Ok(token)
 }
@@ -501,7 +502,15 @@ async fn run_with_local_agent(
     };
     let config = first.store().config();
     if config.auth {
-        match local_agent_token(config, &agent_config.ns_id) {
+        let saved = data_dir.join("agent").join("token");
+        let agent_token = local_token(
+            &config.tokens_path(),
+            &saved,
+            "local agent (damselfly up)",
+            damselfly_collector::auth::Role::Agent,
+            vec![agent_config.ns_id.clone()],
+        );
+        match agent_token {
             Ok(token) => agent_config.token = Some(token),
             Err(e) => {
                 eprintln!("damselfly: cannot make the local agent's token: {e}");
@@ -621,9 +630,29 @@ fn sharded_configs(base: &CollectorConfig, n: u16) -> Result<Vec<CollectorConfig
             http_url: format!("http://{}", port(base.http_addr, i)?),
         });
     }
+    // With auth, the shards share one tokens file (the base's) and send each other an admin token of it.
+    let tokens_file = std::path::absolute(base.tokens_path())
+        .map_err(|e| format!("cannot resolve the tokens file: {e}"))?;
+    let peer_token_file = match (&base.peer_token_file, base.auth) {
+        (Some(file), _) => Some(file.clone()),
+        (None, true) => {
+            let saved = data_dir.join("peer.token");
+            local_token(
+                &tokens_file,
+                &saved,
+                "shards of damselfly up",
+                damselfly_collector::auth::Role::Admin,
+                Vec::new(),
+            )?;
+            Some(saved)
+        }
+        (None, false) => None,
+    };
     let mut configs = Vec::new();
     for (i, shard) in (0..n).zip(&list) {
         let mut c = base.clone();
+        c.tokens_file = Some(tokens_file.clone());
+        c.peer_token_file.clone_from(&peer_token_file);
         c.shard_id.clone_from(&shard.id);
         c.data_dir = data_dir.join(format!("shard-{}", shard.id));
         // With a bucket (`[shared_store]`) the shards mirror their data directories there instead.

@@ -644,13 +644,26 @@ fn parquet_under(dir: &Path) -> Vec<PathBuf> {
 /// deployment.
 #[test]
 fn up_with_three_shards_serves_the_local_agent_through_every_shard() {
+    up_with_shards(3, false);
+}
+
+/// The same with auth: the shards share the tokens file and send each other the token `up` made for them.
+#[test]
+fn up_with_shards_and_auth_serves_the_local_agent_through_every_shard() {
+    up_with_shards(2, true);
+}
+
+fn up_with_shards(n: u16, auth: bool) {
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let reader = auth.then(|| common::create_token(&data, "read", &[]));
     let (grpc, http) = (free_port(), free_port());
     let log = dir.path().join("up.stderr");
     let child = std::process::Command::new(common::damselfly_bin())
-        .args(["up", "--shards", "3", "--interval", "1"])
+        .args(["up", "--shards", &n.to_string(), "--interval", "1"])
+        .args(auth.then_some("--auth"))
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(&data)
         .args([
             "--grpc",
             &format!("127.0.0.1:{grpc}"),
@@ -661,14 +674,26 @@ fn up_with_three_shards_serves_the_local_agent_through_every_shard() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let _up = common::Proc::adopt(child, "damselfly up --shards 3", log);
-    let urls: Vec<String> = (0..3)
+    let _up = common::Proc::adopt(child, "damselfly up --shards", log);
+    let urls: Vec<String> = (0..n)
         .map(|i| format!("http://127.0.0.1:{}", http + i))
         .collect();
+    // (0, why) while `up` is not listening yet.
+    let bearer = reader.as_ref().map(|t| format!("Bearer {t}"));
+    let call = |method: &str, url: &str, body: &str| {
+        let headers: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("Authorization", b.as_str()))
+            .collect();
+        match http_request(method, url, &headers, body.as_bytes()) {
+            Ok((code, body)) => (code, String::from_utf8_lossy(&body).into_owned()),
+            Err(e) => (0, e.to_string()),
+        }
+    };
     for url in &urls {
         wait_until(Duration::from_secs(60), "every shard's map", || {
-            http_get(&format!("{url}/api/v1/shards"))
-                .is_ok_and(|(code, body)| code == 200 && body.matches("\"live\":true").count() == 3)
+            let (code, body) = call("GET", &format!("{url}/api/v1/shards"), "");
+            code == 200 && body.matches("\"live\":true").count() == usize::from(n)
         });
     }
     let host = sysinfo_hostname();
@@ -677,7 +702,11 @@ fn up_with_three_shards_serves_the_local_agent_through_every_shard() {
             Duration::from_secs(30),
             "the local agent's rows through every shard",
             || {
-                let (code, _, body) = sql_with_headers(url, "SELECT DISTINCT hostname FROM cpu");
+                let (code, body) = call(
+                    "POST",
+                    &format!("{url}/api/v1/sql"),
+                    "SELECT DISTINCT hostname FROM cpu",
+                );
                 code == 200 && body.contains(&format!("\"{host}\""))
             },
         );
