@@ -34,6 +34,9 @@ if [ ${#MISSING[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 
+# A clean checkout gains nothing from incremental compilation, and its caches took half of a 60 GB target dir here
+# (a CI run once died with "No space left on device"): build without them.
+export CARGO_INCREMENTAL=0
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy --all-targets -- -D warnings"
