@@ -57,7 +57,12 @@ async fn run(args: &AlertsArgs) -> Result<String, String> {
         .get(format!("{base}/api/v1/alerts"))
         .send()
         .await
-        .map_err(|e| format!("cannot reach the collector at {base}: {e} (is it running?)"))?;
+        .map_err(|e| {
+            format!(
+                "cannot reach the collector at {base}: {} (is it running?)",
+                damselfly_collector::error::error_chain(&e)
+            )
+        })?;
     let status = response.status();
     let body = response
         .bytes()

@@ -86,7 +86,10 @@ impl Body {
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Result<(u16, Body), String> {
-    let response = request.send().await.map_err(|e| e.to_string())?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| damselfly_collector::error::error_chain(&e))?;
     let status = response.status().as_u16();
     let body = response.bytes().await.map_err(|e| e.to_string())?;
     Ok((status, Body(body.to_vec())))

@@ -402,11 +402,7 @@ fn wait_for_heartbeat(url: &str, agent_id: &str, wait: Duration) -> Result<Durat
         .enable_all()
         .build()
         .map_err(|e| fail("heartbeat", format!("cannot start a runtime: {e}")))?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-        .map_err(|e| fail("heartbeat", format!("cannot build an HTTP client: {e}")))?;
+    let client = crate::api_client(Duration::from_secs(5)).map_err(|e| fail("heartbeat", e))?;
     let mut last = String::from("no answer yet");
     while started.elapsed() < wait {
         let answer = runtime.block_on(async {
@@ -414,7 +410,7 @@ fn wait_for_heartbeat(url: &str, agent_id: &str, wait: Duration) -> Result<Durat
                 .get(&endpoint)
                 .send()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| damselfly_collector::error::error_chain(&e))?;
             let status = response.status();
             let body = response.text().await.map_err(|e| e.to_string())?;
             if !status.is_success() {

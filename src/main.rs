@@ -247,7 +247,9 @@ impl CollectorArgs {
 }
 
 /// The HTTP client the CLI's commands talk to a collector with: no proxy (collectors are reached directly), a
-/// whole-request `timeout`, and the token in `DAMSELFLY_TOKEN` (if set) as `Authorization: Bearer`.
+/// whole-request `timeout`, the token in `DAMSELFLY_TOKEN` (if set) as `Authorization: Bearer`, and for `https://`
+/// collectors the system's roots plus the CA certificate(s) in `DAMSELFLY_CA_FILE` (if set; e.g. the `ca.pem` of
+/// `damselfly certs init`).
 pub(crate) fn api_client(timeout: Duration) -> Result<reqwest::Client, String> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Ok(token) = std::env::var("DAMSELFLY_TOKEN")
@@ -258,10 +260,15 @@ pub(crate) fn api_client(timeout: Duration) -> Result<reqwest::Client, String> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .no_proxy()
-        .default_headers(headers)
+        .default_headers(headers);
+    if let Some(ca) = std::env::var_os("DAMSELFLY_CA_FILE").filter(|v| !v.is_empty()) {
+        builder = damselfly_collector::tls::trust_ca_file(builder, std::path::Path::new(&ca))
+            .map_err(|e| format!("DAMSELFLY_CA_FILE: {e}"))?;
+    }
+    builder
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
@@ -774,7 +781,8 @@ async fn run_sql(args: &SqlArgs) -> Result<(), SqlFailure> {
         .await
         .map_err(|e| {
             failure(1)(format!(
-                "cannot reach the collector at {base}: {e} (is `damselfly up` running?)"
+                "cannot reach the collector at {base}: {} (is `damselfly up` running?)",
+                damselfly_collector::error::error_chain(&e)
             ))
         })?;
     let status = response.status();
@@ -857,7 +865,8 @@ async fn run_agents(args: &AgentsArgs) -> Result<(), SqlFailure> {
     let client = api_client(Duration::from_secs(args.timeout)).map_err(failure(1))?;
     let response = client.get(&url).send().await.map_err(|e| {
         failure(1)(format!(
-            "cannot reach the collector at {base}: {e} (is `damselfly up` running?)"
+            "cannot reach the collector at {base}: {} (is `damselfly up` running?)",
+            damselfly_collector::error::error_chain(&e)
         ))
     })?;
     let status = response.status();

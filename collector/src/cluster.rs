@@ -79,13 +79,20 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn valid_url(url: &str) -> bool {
-    url.strip_prefix("http://")
+/// The scheme shard URLs use: `https` when the shards run with `[tls]` (all of a deployment's shards do or none).
+fn shard_scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
+fn valid_url(url: &str, tls: bool) -> bool {
+    url.strip_prefix(shard_scheme(tls))
+        .and_then(|rest| rest.strip_prefix("://"))
         .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
 }
 
-/// Checks a shard list: valid, distinct ids and URLs, and `self_id` among them (unless the list is empty).
-pub fn validate_shards(self_id: &str, shards: &[ShardEndpoint]) -> Result<(), String> {
+/// Checks a shard list: valid, distinct ids and URLs (`https://` ones with `tls`, `http://` ones without), and
+/// `self_id` among them (unless the list is empty).
+pub fn validate_shards(self_id: &str, shards: &[ShardEndpoint], tls: bool) -> Result<(), String> {
     let mut ids = HashSet::new();
     for s in shards {
         if !valid_id(&s.id) {
@@ -98,10 +105,16 @@ pub fn validate_shards(self_id: &str, shards: &[ShardEndpoint]) -> Result<(), St
             return Err(format!("shard id {:?} is listed twice", s.id));
         }
         for (key, url) in [("grpc_url", &s.grpc_url), ("http_url", &s.http_url)] {
-            if !valid_url(url) {
+            if !valid_url(url, tls) {
+                let why = if tls {
+                    " (this shard runs with [tls], so its peers are reached over HTTPS)"
+                } else {
+                    " (this shard runs without [tls])"
+                };
                 return Err(format!(
-                    "shard {:?}: {key} {url:?} must be a URL like http://10.0.0.5:4317",
-                    s.id
+                    "shard {:?}: {key} {url:?} must be a URL like {}://10.0.0.5:4317{why}",
+                    s.id,
+                    shard_scheme(tls)
                 ));
             }
         }
@@ -120,12 +133,16 @@ pub fn validate_shards(self_id: &str, shards: &[ShardEndpoint]) -> Result<(), St
 }
 
 /// Reads and checks a `shards_file`.
-pub fn load_shards_file(path: &Path, self_id: &str) -> Result<Vec<ShardEndpoint>, String> {
+pub fn load_shards_file(
+    path: &Path,
+    self_id: &str,
+    tls: bool,
+) -> Result<Vec<ShardEndpoint>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read shards_file {}: {e}", path.display()))?;
     let file: ShardsFile = toml::from_str(&text)
         .map_err(|e| format!("shards_file {} is not valid: {e}", path.display()))?;
-    validate_shards(self_id, &file.shards)
+    validate_shards(self_id, &file.shards, tls)
         .map_err(|e| format!("shards_file {}: {e}", path.display()))?;
     Ok(file.shards)
 }
@@ -162,6 +179,8 @@ struct ClusterInner {
     self_id: String,
     /// This shard's own endpoint, as configured or as bound (for the map of a single collector).
     self_endpoint: ShardEndpoint,
+    /// The shards run with `[tls]`: their URLs are `https://`.
+    tls: bool,
     shards_file: Option<PathBuf>,
     shared_dir: Option<PathBuf>,
     /// The shared store in a bucket (`[shared_store]`), instead of `shared_dir`.
@@ -240,8 +259,8 @@ impl Cluster {
             ..ClusterState::default()
         };
         if let Some(path) = &config.shards_file {
-            state.shards =
-                load_shards_file(path, &config.shard_id).map_err(crate::CollectorError::Config)?;
+            state.shards = load_shards_file(path, &config.shard_id, config.tls.is_some())
+                .map_err(crate::CollectorError::Config)?;
             state.file_mtime = mtime(path);
         }
         // With auth, peers' cluster endpoints want an admin token: every request carries the peer token.
@@ -260,13 +279,16 @@ impl Cluster {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
-            .default_headers(headers)
-            .build()
-            .map_err(|e| {
-                crate::CollectorError::Server(format!("cannot build an HTTP client: {e}"))
-            })?;
+            .default_headers(headers);
+        if let Some(ca) = config.tls.as_ref().and_then(|t| t.peer_ca_file.as_deref()) {
+            client =
+                crate::tls::trust_ca_file(client, ca).map_err(crate::CollectorError::Config)?;
+        }
+        let client = client.build().map_err(|e| {
+            crate::CollectorError::Server(format!("cannot build an HTTP client: {e}"))
+        })?;
         let self_endpoint = state
             .shards
             .iter()
@@ -284,6 +306,7 @@ impl Cluster {
             inner: Arc::new(ClusterInner {
                 self_id: config.shard_id.clone(),
                 self_endpoint,
+                tls: config.tls.is_some(),
                 shards_file: config.shards_file.clone(),
                 shared_dir: config.shared_dir.clone(),
                 shared_store,
@@ -402,7 +425,7 @@ impl Cluster {
                 "this shard has no shards_file to reload (its shards are in its config)".into(),
             );
         };
-        let shards = load_shards_file(path, &self.inner.self_id)?;
+        let shards = load_shards_file(path, &self.inner.self_id, self.inner.tls)?;
         let mut state = self.write();
         state.file_mtime = mtime(path);
         if shards == state.shards {
@@ -1116,24 +1139,48 @@ mod tests {
     #[test]
     fn shard_lists_are_checked() {
         let ok = vec![shard("s0", 1000), shard("s1", 2000)];
-        assert!(validate_shards("s0", &ok).is_ok());
-        assert!(validate_shards("s0", &[]).is_ok());
-        let err = validate_shards("s9", &ok).expect_err("self missing");
+        assert!(validate_shards("s0", &ok, false).is_ok());
+        assert!(validate_shards("s0", &[], false).is_ok());
+        let err = validate_shards("s9", &ok, false).expect_err("self missing");
         assert!(err.contains("\"s9\" is not in the list (s0, s1)"), "{err}");
         let twice = vec![shard("s0", 1000), shard("s0", 2000)];
         assert!(
-            validate_shards("s0", &twice)
+            validate_shards("s0", &twice, false)
                 .expect_err("dup")
                 .contains("listed twice")
         );
         let mut bad = shard("s0", 1000);
         bad.grpc_url = "10.0.0.1:4317".into();
         assert!(
-            validate_shards("s0", &[bad])
+            validate_shards("s0", &[bad], false)
                 .expect_err("url")
                 .contains("grpc_url")
         );
-        assert!(validate_shards("s/0", &[shard("s/0", 1)]).is_err());
+        assert!(validate_shards("s/0", &[shard("s/0", 1)], false).is_err());
+    }
+
+    #[test]
+    fn shard_urls_follow_tls() {
+        let plain = vec![shard("s0", 1000), shard("s1", 2000)];
+        let err = validate_shards("s0", &plain, true).expect_err("http with tls");
+        assert!(
+            err.contains("must be a URL like https://") && err.contains("[tls]"),
+            "{err}"
+        );
+        let secure: Vec<ShardEndpoint> = plain
+            .iter()
+            .map(|s| ShardEndpoint {
+                id: s.id.clone(),
+                grpc_url: s.grpc_url.replace("http://", "https://"),
+                http_url: s.http_url.replace("http://", "https://"),
+            })
+            .collect();
+        assert!(validate_shards("s0", &secure, true).is_ok());
+        let err = validate_shards("s0", &secure, false).expect_err("https without tls");
+        assert!(err.contains("without [tls]"), "{err}");
+        let mut half = secure[1].clone();
+        half.http_url = "https://".into();
+        assert!(validate_shards("s1", &[half], true).is_err());
     }
 
     #[test]

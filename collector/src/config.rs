@@ -237,13 +237,6 @@ impl CollectorConfig {
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(CollectorError::Config(m));
-        if self.tls.is_some() && (!self.shards.is_empty() || self.shards_file.is_some()) {
-            return bad(
-                "tls with shards is not supported yet: shards reach each other over plain HTTP; run TLS \
-                 collectors unsharded, or shards on a private network"
-                    .into(),
-            );
-        }
         let sharded = !self.shards.is_empty() || self.shards_file.is_some();
         if self.auth && sharded && self.peer_token_file.is_none() {
             return bad(
@@ -406,7 +399,9 @@ impl CollectorConfig {
         if !self.shards.is_empty() && self.shards_file.is_some() {
             return bad("set either shards or shards_file, not both".into());
         }
-        if let Err(reason) = crate::cluster::validate_shards(&self.shard_id, &self.shards) {
+        if let Err(reason) =
+            crate::cluster::validate_shards(&self.shard_id, &self.shards, self.tls.is_some())
+        {
             return bad(format!("shards: {reason}"));
         }
         if let Some(store) = &self.shared_store {

@@ -48,8 +48,11 @@ pub type Result<T, E = CollectorError> = std::result::Result<T, E>;
 /// An error with its sources, each once ("error sending request: client error (Connect): connection refused"
 /// rather than the first part alone): what logs and API answers about a peer or a destination show.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// `text`, followed by each error of the chain from `source` on that it does not already say.
+pub fn with_causes(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
     while let Some(s) = source {
         let part = s.to_string();
         if !text.contains(&part) {

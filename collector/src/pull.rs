@@ -524,17 +524,10 @@ fn connect(url: &str, settings: &PullSettings) -> Result<MetricsSourceClient<Cha
 
 /// A gRPC status as text, with its transport cause (tonic puts "connection refused" and the like in the source).
 fn status_text(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    text
+    crate::error::with_causes(
+        format!("{:?}: {}", status.code(), status.message()),
+        std::error::Error::source(status),
+    )
 }
 
 /// One pull slot's work.

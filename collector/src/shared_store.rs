@@ -39,7 +39,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::cluster::PeerTable;
 use crate::compaction::META_COMPACTED_FROM;
-use crate::error::{CollectorError, Result};
+use crate::error::{CollectorError, Result, error_chain};
 
 /// Uploads (and footer reads) running at once.
 const CONCURRENCY: usize = 4;
@@ -242,22 +242,6 @@ fn store_error(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Colle
     CollectorError::Server(format!("shared store: {what}: {e}"))
 }
 
-/// An object store error with its causes (the HTTP client's reason is several levels down).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        // object_store repeats some causes in its own message.
-        let cause = s.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
-        source = s.source();
-    }
-    text
-}
-
 impl SharedStore {
     /// The store of `config` (validated) for shard `shard_id`, whose local files live under `local_root`. Makes no
     /// request yet.
@@ -404,7 +388,7 @@ impl SharedStore {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| store_error(format!("listing {}", self.url()), chain(&e)))?;
+            .map_err(|e| store_error(format!("listing {}", self.url()), error_chain(&e)))?;
         let local_root = self.inner.local_root.clone();
         let local_empty = tokio::task::spawn_blocking(move || local_files(&local_root))
             .await
@@ -489,7 +473,10 @@ impl SharedStore {
             }
         };
         writer.shutdown().await.map_err(|e| {
-            store_error(format!("uploading {} to {key}", path.display()), chain(&e))
+            store_error(
+                format!("uploading {} to {key}", path.display()),
+                error_chain(&e),
+            )
         })?;
         tracing::debug!(file = %path.display(), key = %key, bytes = size, "uploaded to the shared store");
         let mut state = self.state();
@@ -548,7 +535,7 @@ impl SharedStore {
                     state.remote.remove(&rel);
                     state.gone_since.remove(&rel);
                 }
-                Err(e) => return Err(store_error(format!("deleting {key}"), chain(&e))),
+                Err(e) => return Err(store_error(format!("deleting {key}"), error_chain(&e))),
             }
         }
         uploads
@@ -610,7 +597,7 @@ impl SharedStore {
             .try_filter(|o| futures::future::ready(o.location.as_ref().ends_with(".parquet")))
             .try_collect()
             .await
-            .map_err(|e| format!("listing {}/{prefix}: {}", self.url(), chain(&e)))?;
+            .map_err(|e| format!("listing {}/{prefix}: {}", self.url(), error_chain(&e)))?;
         if objects.is_empty() {
             return Ok(None);
         }
@@ -662,7 +649,7 @@ impl SharedStore {
                     .store
                     .get_range(&location, size - len.min(size)..size)
                     .await
-                    .map_err(|e| format!("{url}: {}", chain(&e)))
+                    .map_err(|e| format!("{url}: {}", error_chain(&e)))
             }
         };
         // The footer from the file's tail: one ranged GET, a second when the footer is larger than the guess.

@@ -34,6 +34,10 @@ pub struct TlsConfig {
     /// PEM CA certificate(s): gRPC clients must present a certificate it signed (mutual TLS). Default: none.
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
+    /// PEM CA certificate(s) this collector trusts, besides the system's roots, when it calls the other shards
+    /// over HTTPS: usually the deployment's `ca.pem`. Default: the system's roots only.
+    #[serde(default)]
+    pub peer_ca_file: Option<PathBuf>,
 }
 
 /// The files of a [`TlsConfig`], read and checked.
@@ -81,12 +85,10 @@ impl TlsConfig {
             )
         })?;
         if let (Some(pem), Some(path)) = (&client_ca_pem, &self.client_ca_file) {
-            let cas = CertificateDer::pem_slice_iter(pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("tls: {}: not a PEM certificate: {e}", path.display()))?;
-            if cas.is_empty() {
-                return Err(format!("tls: {} holds no certificate", path.display()));
-            }
+            ca_certificates(pem, path)?;
+        }
+        if let Some(path) = &self.peer_ca_file {
+            ca_certificates(&read(path, "peer CA (peer_ca_file)")?, path)?;
         }
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -110,6 +112,32 @@ impl TlsConfig {
             server: Arc::new(server),
         })
     }
+}
+
+/// The certificates of a PEM CA file; an error naming the file when it holds none or is not PEM.
+fn ca_certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let cas = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls: {}: not a PEM certificate: {e}", path.display()))?;
+    if cas.is_empty() {
+        return Err(format!("tls: {} holds no certificate", path.display()));
+    }
+    Ok(cas)
+}
+
+/// `builder`, trusting the CA certificate(s) in the PEM file `ca_file` besides the system's roots: how the CLI
+/// (`DAMSELFLY_CA_FILE`) and shards (`peer_ca_file`) reach collectors whose certificates a private CA signed.
+pub fn trust_ca_file(
+    mut builder: reqwest::ClientBuilder,
+    ca_file: &Path,
+) -> Result<reqwest::ClientBuilder, String> {
+    let pem = read(ca_file, "CA certificate")?;
+    for der in ca_certificates(&pem, ca_file)? {
+        let cert = reqwest::Certificate::from_der(der.as_ref())
+            .map_err(|e| format!("tls: {}: {e}", ca_file.display()))?;
+        builder = builder.add_root_certificate(cert);
+    }
+    Ok(builder)
 }
 
 impl TlsFiles {

@@ -143,7 +143,18 @@ impl CollectorProc {
 
     /// `damselfly collector` whose config turns TLS on: waits for `/health` over HTTPS (curl with the CA `ca`).
     pub fn start_with_tls(data_dir: &Path, extra: &[&str], ca: &Path) -> CollectorProc {
-        let collector = Self::launch("collector", data_dir, "127.0.0.1:0", "127.0.0.1:0", extra);
+        Self::start_at_with_tls(data_dir, "127.0.0.1:0", "127.0.0.1:0", extra, ca)
+    }
+
+    /// [`CollectorProc::start_with_tls`] on the given gRPC and HTTP addresses.
+    pub fn start_at_with_tls(
+        data_dir: &Path,
+        grpc: &str,
+        http: &str,
+        extra: &[&str],
+        ca: &Path,
+    ) -> CollectorProc {
+        let collector = Self::launch("collector", data_dir, grpc, http, extra);
         wait_until(
             Duration::from_secs(30),
             "collector /health over TLS",

@@ -310,21 +310,6 @@ fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// An error with its causes (reqwest puts "connection refused" and the like in the source).
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let s = cause.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 impl Job {
     /// Scrapes `target` every interval, keeping the phase of its first scrape.
     async fn target_loop(self: Arc<Job>, target: Target, first_delay: Duration) {
@@ -551,7 +536,7 @@ impl Job {
                 self.settings.timeout
             )
         } else {
-            error_text(e)
+            crate::error::error_chain(e)
         }
     }
 }
