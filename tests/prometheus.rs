@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{CollectorProc, Proc, http_get, http_request, wait_until};
+use common::{CollectorProc, Proc, free_port, http_get, http_request, wait_until};
 use prost::Message;
 use serde_json::Value as Json;
 
@@ -114,14 +114,6 @@ fn start(dir: &tempfile::TempDir, config: &str) -> CollectorProc {
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A system binary the test needs, or a failure saying which package has it.
 fn system_binary(name: &str, package: &str) -> PathBuf {
     let path = Path::new("/usr/bin").join(name);
@@ -148,23 +140,24 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], dir: &Path) -> Proc {
 
 /// node_exporter on a free 127.0.0.1 port, answering; its `host:port`.
 fn start_node_exporter(dir: &Path) -> (Proc, String) {
-    let bin = system_binary("prometheus-node-exporter", "prometheus-node-exporter");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let proc = spawn(
-        "node_exporter",
-        &bin,
-        &[
-            format!("--web.listen-address={addr}"),
-            // Containers have no systemd to ask; its collector would log an error every scrape.
-            "--no-collector.systemd".into(),
-            "--log.level=warn".into(),
-        ],
-        dir,
-    );
+    let (proc, addr) = spawn_node_exporter(dir, &[]);
     wait_until(Duration::from_secs(30), "node_exporter /metrics", || {
         http_get(&format!("http://{addr}/metrics")).is_ok_and(|(code, _)| code == 200)
     });
     (proc, addr)
+}
+
+fn spawn_node_exporter(dir: &Path, extra: &[String]) -> (Proc, String) {
+    let bin = system_binary("prometheus-node-exporter", "prometheus-node-exporter");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut args = vec![
+        format!("--web.listen-address={addr}"),
+        // Containers have no systemd to ask; its collector would log an error every scrape.
+        "--no-collector.systemd".into(),
+        "--log.level=warn".into(),
+    ];
+    args.extend_from_slice(extra);
+    (spawn("node_exporter", &bin, &args, dir), addr)
 }
 
 /// A metric's value on the exporter's own page (a series without labels).
@@ -733,4 +726,77 @@ fn malformed_remote_writes_get_precise_errors() {
     assert_eq!(rows, [serde_json::json!({"k": "v", "value": 1.0})]);
     let (code, _) = http_get(&format!("{}/health", collector.http)).unwrap();
     assert_eq!(code, 200);
+}
+
+/// node_exporter serving HTTPS with a certificate of `damselfly certs init`: scraped over TLS by a collector that
+/// trusts the deployment's CA (`scrape_ca_file`); a collector that does not trust it marks the target down and
+/// says why.
+#[test]
+fn the_collector_scrapes_an_https_exporter() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(common::damselfly_bin())
+        .args(["certs", "init", "--host", "localhost,127.0.0.1", "--out"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ca = certs.join("ca.pem");
+    let web_config = dir.path().join("web.yml");
+    std::fs::write(
+        &web_config,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
+            certs.join("collector.pem").display(),
+            certs.join("collector-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let (_exporter, addr) = spawn_node_exporter(
+        dir.path(),
+        &[format!("--web.config.file={}", web_config.display())],
+    );
+    wait_until(Duration::from_secs(30), "node_exporter over HTTPS", || {
+        Command::new("curl")
+            .args(["-sf", "--max-time", "5", "--cacert"])
+            .arg(&ca)
+            .arg(format!("https://{addr}/metrics"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+
+    let target = format!("scrape_targets = [\"https://{addr}/metrics\"]\npull_interval_secs = 1\n");
+    let trusting = start(
+        &dir,
+        &format!("{target}scrape_ca_file = {:?}\n", ca.to_str().unwrap()),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "node_cpu_seconds_total rows over HTTPS",
+        || trusting.count("node_cpu_seconds_total") > 0,
+    );
+    let rows = trusting.sql("SELECT DISTINCT instance FROM node_cpu_seconds_total");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["instance"], addr.as_str());
+
+    let other = tempfile::TempDir::new().unwrap();
+    let untrusting = start(&other, &target);
+    wait_until(
+        Duration::from_secs(30),
+        "the target down for an unknown issuer",
+        || {
+            let Ok((200, body)) = http_get(&format!("{}/api/v1/scrape/targets", untrusting.http))
+            else {
+                return false;
+            };
+            let targets: Vec<Json> = serde_json::from_str(&body).unwrap();
+            targets.iter().any(|t| {
+                t["status"] == "down"
+                    && t["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("UnknownIssuer"))
+            })
+        },
+    );
+    assert_eq!(untrusting.count("node_cpu_seconds_total"), 0);
 }

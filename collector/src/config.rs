@@ -124,6 +124,9 @@ pub struct CollectorConfig {
     /// Prometheus exporters to scrape (text exposition format), e.g. `"http://127.0.0.1:9100/metrics"`. Scraped
     /// every `pull_interval_secs`, bounded by `pull_timeout_secs`. Default: none.
     pub scrape_targets: Vec<String>,
+    /// PEM CA certificate(s) trusted, besides the system's roots, for `https://` scrape targets (e.g. exporters
+    /// with certificates of `damselfly certs init`). Default: the system's roots only.
+    pub scrape_ca_file: Option<PathBuf>,
     /// Seconds between two pulls of one target. Default 10, 1 to 86,400.
     pub pull_interval_secs: u64,
     /// A pull call (connect included) that takes longer than this many seconds fails. Default 5, 1 to 3,600.
@@ -206,6 +209,7 @@ impl Default for CollectorConfig {
             parquet_row_group_rows: 128 * 1024,
             pull_targets: Vec::new(),
             scrape_targets: Vec::new(),
+            scrape_ca_file: None,
             pull_interval_secs: 10,
             pull_timeout_secs: 5,
             heartbeat_interval_secs: 10,
@@ -384,6 +388,11 @@ impl CollectorConfig {
             if let Err(reason) = crate::ingest::scrape::validate_scrape_url(url) {
                 return bad(format!("scrape_targets: {reason}"));
             }
+        }
+        if let Some(ca) = &self.scrape_ca_file
+            && let Err(reason) = crate::tls::trust_ca_file(reqwest::Client::builder(), ca)
+        {
+            return bad(format!("scrape_ca_file: {reason}"));
         }
         for (i, destination) in self.forward.iter().enumerate() {
             if let Err(reason) = destination.validate() {

@@ -47,7 +47,7 @@ const PARSE_INLINE_BYTES: usize = 256 << 10;
 /// A target failing this many times in a row is logged again (the first failure always is).
 const LOG_EVERY_FAILURES: u64 = 60;
 
-/// Checks a scrape target URL: `http://host[:port][/path][?query]`. Returns why it is not one.
+/// Checks a scrape target URL: `http[s]://host[:port][/path][?query]`. Returns why it is not one.
 pub fn validate_scrape_url(url: &str) -> Result<(), String> {
     parse_target_url(url).map(|_| ())
 }
@@ -56,10 +56,8 @@ pub fn validate_scrape_url(url: &str) -> Result<(), String> {
 fn parse_target_url(url: &str) -> Result<(reqwest::Url, String), String> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| format!("{url:?} is not a URL ({e}); expected http://host:port/metrics"))?;
-    if parsed.scheme() != "http" {
-        return Err(format!(
-            "{url:?} does not start with http:// (https is not supported yet)"
-        ));
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{url:?} does not start with http:// or https://"));
     }
     let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) else {
         return Err(format!("{url:?} has no host"));
@@ -72,7 +70,9 @@ fn parse_target_url(url: &str) -> Result<(reqwest::Url, String), String> {
     if parsed.fragment().is_some() {
         return Err(format!("{url:?} has a #fragment"));
     }
-    let port = parsed.port_or_known_default().unwrap_or(80);
+    let port = parsed
+        .port_or_known_default()
+        .unwrap_or(if parsed.scheme() == "https" { 443 } else { 80 });
     let instance = format!("{host}:{port}");
     Ok((parsed, instance))
 }
@@ -169,6 +169,8 @@ pub struct ScrapeSettings {
     pub max_body_bytes: usize,
     /// Most rows per stored batch.
     pub max_batch_points: usize,
+    /// PEM CA certificate(s) trusted for `https` targets besides the system's roots (`scrape_ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ScrapeSettings {
@@ -180,6 +182,7 @@ impl ScrapeSettings {
             max_concurrent: 64,
             max_body_bytes: config.max_write_bytes,
             max_batch_points: config.max_batch_points,
+            ca_file: config.scrape_ca_file.clone(),
         }
     }
 }
@@ -250,14 +253,17 @@ impl Scraper {
             shutdown.await;
             return;
         }
-        let client = match reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             // Exporters are reached directly: a proxy from the environment is not for them.
             .no_proxy()
             .connect_timeout(self.settings.timeout)
             .timeout(self.settings.timeout)
-            .user_agent(concat!("damselfly-collector/", env!("CARGO_PKG_VERSION")))
-            .build()
-        {
+            .user_agent(concat!("damselfly-collector/", env!("CARGO_PKG_VERSION")));
+        let builder = match &self.settings.ca_file {
+            Some(ca) => crate::tls::trust_ca_file(builder, ca),
+            None => Ok(builder),
+        };
+        let client = match builder.and_then(|b| b.build().map_err(|e| e.to_string())) {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the HTTP client: nothing is scraped");
@@ -640,6 +646,8 @@ mod tests {
     fn target_urls() {
         assert!(validate_scrape_url("http://127.0.0.1:9100/metrics").is_ok());
         assert!(validate_scrape_url("http://exporter/metrics?format=text").is_ok());
+        let (_, instance) = parse_target_url("https://exporter/metrics").unwrap();
+        assert_eq!(instance, "exporter:443");
         let (_, instance) = parse_target_url("http://127.0.0.1:9100/metrics").unwrap();
         assert_eq!(instance, "127.0.0.1:9100");
         let (_, instance) = parse_target_url("http://exporter/metrics").unwrap();
@@ -647,7 +655,7 @@ mod tests {
         let (_, instance) = parse_target_url("http://[::1]:9100/metrics").unwrap();
         assert_eq!(instance, "[::1]:9100");
         for (bad, why) in [
-            ("https://h:1/metrics", "https"),
+            ("ftp://h:1/metrics", "https://"),
             ("127.0.0.1:9100/metrics", "http://"),
             ("http://u:p@h:1/metrics", "credentials"),
             ("http://h:1/metrics#x", "fragment"),
@@ -754,6 +762,7 @@ mod tests {
             max_concurrent: 2,
             max_body_bytes: 4096,
             max_batch_points: 100,
+            ca_file: None,
         });
         let handle = scraper.handle();
         // Listed once each, shown before the first scrape.
