@@ -43,8 +43,5 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "==> cargo build --workspace --bins (the black-box tests run the binaries)"
 cargo build --workspace --bins
-# The tests build the agent alone (`-p`), whose feature set differs from the workspace's: build it here once so the
-# tests find it up to date instead of compiling it mid-test.
-cargo build -p damselfly-agent --bin damselfly-agent
 echo "==> cargo test --workspace"
 cargo test --workspace

@@ -14,7 +14,9 @@ pub fn damselfly_bin() -> PathBuf {
 }
 
 /// The `damselfly-agent` binary: another package's binary, so cargo does not build it for these tests; build it
-/// once (a no-op when `scripts/test.sh` or `cargo build --workspace` already did).
+/// once (a no-op when `scripts/test.sh` or `cargo build --workspace` already did). `--workspace` keeps the
+/// features the workspace build unified: with `-p damselfly-agent` alone, cargo would build the agent's
+/// dependencies a second time with the agent's own feature set (over a minute on CI's two cores).
 pub fn agent_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -23,20 +25,32 @@ pub fn agent_bin() -> PathBuf {
             let path = dir.join(format!("damselfly-agent{}", std::env::consts::EXE_SUFFIX));
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
-            build.args([
-                "build",
-                "-q",
-                "-p",
-                "damselfly-agent",
-                "--bin",
-                "damselfly-agent",
-            ]);
+            build.args(["build", "-q", "--workspace", "--bin", "damselfly-agent"]);
+            // cargo gives this test process the variables of *its* package (CARGO_MANIFEST_DIR, CARGO_PKG_NAME,
+            // OUT_DIR, ...). Build scripts such as ring's rerun when those change, so passing them on would rebuild
+            // ring and all above it here, and again in the next plain `cargo build` (8 minutes on two cores).
+            for (key, _) in std::env::vars_os() {
+                let key = key.to_string_lossy();
+                if key == "OUT_DIR"
+                    || key == "CARGO_CRATE_NAME"
+                    || key == "CARGO_PRIMARY_PACKAGE"
+                    || key == "CARGO_TARGET_TMPDIR"
+                    || key.starts_with("CARGO_MANIFEST_")
+                    || key.starts_with("CARGO_PKG_")
+                    || key.starts_with("CARGO_BIN_")
+                {
+                    build.env_remove(key.as_ref());
+                }
+            }
             // The test binary lives in target/<profile>/deps; build the same profile.
             if dir.ends_with("release") {
                 build.arg("--release");
             }
             let status = build.status().expect("run cargo build for damselfly-agent");
-            assert!(status.success(), "cargo build -p damselfly-agent failed");
+            assert!(
+                status.success(),
+                "cargo build --workspace --bin damselfly-agent failed"
+            );
             assert!(path.exists(), "{} missing after build", path.display());
             path
         })
