@@ -112,45 +112,85 @@ sys.stdin.read()
 controller.stop()
 "#;
 
+/// Runs `script` with the test virtualenv's Python (`scripts/test.sh` makes it) and `args`, and waits for it to
+/// print `ready`.
+fn start_python(dir: &Path, name: &'static str, script: &str, args: &[String]) -> Proc {
+    let python = std::env::var("DAMSELFLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let log = dir.join(format!("{name}.stderr"));
+    let mut child = Command::new(&python)
+        .args(["-c", script])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start python for {name}: {e}"));
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(
+        ready.trim(),
+        "ready",
+        "{name} did not start (run the suite with scripts/test.sh, which installs what it needs): {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    Proc::adopt(child, name, log)
+}
+
+/// The JSON lines a receiver wrote to `out`.
+fn json_lines(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 impl SmtpReceiver {
     fn start(dir: &Path) -> SmtpReceiver {
-        let python = std::env::var("DAMSELFLY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let port = free_port();
         let out = dir.join("mail.jsonl");
-        let log = dir.join("smtp.stderr");
-        let mut child = Command::new(&python)
-            .args(["-c", SMTP_SERVER, &port.to_string()])
-            .arg(&out)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start python for aiosmtpd");
-        let mut ready = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut ready)
-            .unwrap();
-        assert_eq!(
-            ready.trim(),
-            "ready",
-            "aiosmtpd did not start (run the suite with scripts/test.sh, which installs it): {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        let proc = start_python(
+            dir,
+            "aiosmtpd",
+            SMTP_SERVER,
+            &[port.to_string(), out.display().to_string()],
         );
         SmtpReceiver {
             addr: format!("127.0.0.1:{port}"),
             out,
-            _proc: Proc::adopt(child, "aiosmtpd", log),
+            _proc: proc,
         }
     }
 
     fn messages(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        json_lines(&self.out)
     }
 }
+
+/// A real HTTPS server (Python's http.server in an ssl context) that answers 200 to every POST and writes
+/// `{"path": ..., "body": ...}` for each as a JSON line. Args: port, certificate, key, output file.
+const HTTPS_SERVER: &str = r#"
+import http.server, json, ssl, sys
+port, cert, key, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with open(out, "a") as f:
+            f.write(json.dumps({"path": self.path, "body": json.loads(body)}) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
 
 /// A collector whose `[alerts]` evaluate every 100 ms, with `rules` (TOML) in its rules file.
 fn collector(dir: &Path, rules: &str, extra_config: &str) -> CollectorProc {
@@ -804,4 +844,79 @@ receivers = ["late"]
     assert_eq!(hooks.at("/hook").len(), 1, "re-sent after the restart");
     assert_eq!(c.count("alerts"), 1, "the restored alert fired again");
     drop(load);
+}
+
+/// A webhook over HTTPS to an endpoint whose certificate a private CA signed: delivered when the receiver trusts
+/// that CA (`ca_file`); refused for an unknown issuer, and said so, when it does not.
+#[test]
+fn webhooks_reach_an_https_receiver_of_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    common::certs_init(&certs);
+    let port = free_port();
+    let received = dir.path().join("https.jsonl");
+    let _server = start_python(
+        dir.path(),
+        "https-receiver",
+        HTTPS_SERVER,
+        &[
+            port.to_string(),
+            certs.join("collector.pem").display().to_string(),
+            certs.join("collector-key.pem").display().to_string(),
+            received.display().to_string(),
+        ],
+    );
+    let rules = format!(
+        r#"
+[[receivers]]
+name = "trusting"
+kind = "webhook"
+url = "https://127.0.0.1:{port}/trusting"
+ca_file = {ca:?}
+
+[[receivers]]
+name = "untrusting"
+kind = "webhook"
+url = "https://127.0.0.1:{port}/untrusting"
+
+[[rules]]
+name = "cpu_high"
+table = "cpu"
+expr = "max(usage_user)"
+where = "cpu = 'cpu-total'"
+group_by = ["vm_id"]
+window = "1s"
+critical = 90.0
+receivers = ["trusting", "untrusting"]
+"#,
+        ca = certs.join("ca.pem").display().to_string()
+    );
+    let c = collector(dir.path(), &rules, "");
+    let _load = Load::start(&c.http, &[("vm-hot", 95.0)]);
+    wait_until(Duration::from_secs(15), "the alert over HTTPS", || {
+        !json_lines(&received).is_empty()
+    });
+    let bodies = json_lines(&received);
+    assert_eq!(bodies[0]["path"], "/trusting", "{bodies:?}");
+    assert_eq!(bodies[0]["body"]["status"], "firing", "{bodies:?}");
+    assert_eq!(bodies[0]["body"]["group"]["vm_id"], "vm-hot", "{bodies:?}");
+    let receivers = format!("{}/api/v1/alerts/receivers", c.http);
+    wait_until(
+        Duration::from_secs(15),
+        "the untrusting receiver's failure",
+        || {
+            get_json(&receivers).as_array().unwrap().iter().any(|r| {
+                r["name"] == "untrusting"
+                    && r["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("UnknownIssuer"))
+            })
+        },
+    );
+    assert!(
+        json_lines(&received)
+            .iter()
+            .all(|b| b["path"] == "/trusting"),
+        "a receiver without the CA delivered"
+    );
 }

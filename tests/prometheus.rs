@@ -735,12 +735,7 @@ fn malformed_remote_writes_get_precise_errors() {
 fn the_collector_scrapes_an_https_exporter() {
     let dir = tempfile::TempDir::new().unwrap();
     let certs = dir.path().join("certs");
-    let out = Command::new(common::damselfly_bin())
-        .args(["certs", "init", "--host", "localhost,127.0.0.1", "--out"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    common::certs_init(&certs);
     let ca = certs.join("ca.pem");
     let web_config = dir.path().join("web.yml");
     std::fs::write(

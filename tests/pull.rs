@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{CollectorProc, agent_bin, http_get, parse_exposition, wait_until};
+use common::{
+    CollectorProc, agent_bin, free_port, http_get, http_request, parse_exposition, wait_until,
+};
 use serde_json::Value;
 
 const MEASUREMENTS: [&str; 5] = ["cpu", "mem", "disk", "net", "system"];
@@ -63,7 +65,16 @@ impl Drop for Guard {
 
 /// A pull-mode agent (`--listen`, no collector) with the identity of [`IDENTITY`]; returns once `/health` answers.
 fn start_pull_agent(listen: &str, state_dir: &Path) -> Guard {
+    start_pull_agent_with_token(listen, state_dir, None)
+}
+
+/// [`start_pull_agent`], with `pull_token` (`DAMSELFLY_PULL_TOKEN`) when given.
+fn start_pull_agent_with_token(listen: &str, state_dir: &Path, pull_token: Option<&str>) -> Guard {
     let mut command = Command::new(agent_bin());
+    match pull_token {
+        Some(token) => command.env("DAMSELFLY_PULL_TOKEN", token),
+        None => command.env_remove("DAMSELFLY_PULL_TOKEN"),
+    };
     command
         .args(["--listen", listen, "--interval", "1"])
         .arg("--state-dir")
@@ -95,15 +106,6 @@ fn start_pull_agent(listen: &str, state_dir: &Path) -> Guard {
         http_get(&format!("http://{listen}/health")).is_ok_and(|(code, _)| code == 200)
     });
     agent
-}
-
-/// A port that was free a moment ago (the agent binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn get_json(url: &str) -> Value {
@@ -321,4 +323,139 @@ fn victoria_metrics_scrapes_the_agent() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(invalid, 0.0, "VictoriaMetrics refused rows");
+}
+
+/// An agent with a `pull_token`: a Pull without it (or with another) is refused and acknowledges nothing, so a
+/// stranger cannot make the agent drop its batches; `/metrics` wants it too; a collector with the token in its
+/// `pull_token_file` pulls, one without it is refused and says why. An agent listening beyond loopback without a
+/// pull token refuses to start unless told `--insecure`.
+#[test]
+fn pulling_needs_the_agents_pull_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "pull-secret-7f3a";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_pull_agent_with_token(&listen, &dir.path().join("agent"), Some(token));
+    let agent_url = format!("http://{listen}");
+    wait_until(Duration::from_secs(30), "batches waiting", || {
+        get_json(&format!("{agent_url}/health"))["pending_batches"].as_u64() >= Some(2)
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pull = |authorization: Option<&str>| {
+        runtime.block_on(async {
+            let mut client =
+                damselfly_proto::v1::metrics_source_client::MetricsSourceClient::connect(
+                    agent_url.clone(),
+                )
+                .await
+                .unwrap();
+            let mut request = tonic::Request::new(damselfly_proto::v1::PullRequest {
+                ack_through_seq: u64::MAX,
+                max_batches: 1,
+            });
+            if let Some(value) = authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.parse().unwrap());
+            }
+            client.pull(request).await
+        })
+    };
+    for stranger in [None, Some("Bearer guess"), Some("pull-secret-7f3a")] {
+        let status = pull(stranger).expect_err("a pull without the token was served");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("pull token"), "{status:?}");
+    }
+    let health = get_json(&format!("{agent_url}/health"));
+    assert_eq!(health["batches_acked"], 0, "{health}");
+    assert!(health["pending_batches"].as_u64() >= Some(2), "{health}");
+
+    let (code, body) = http_request("GET", &format!("{agent_url}/metrics"), &[], b"").unwrap();
+    assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("pull token"));
+    let bearer = format!("Bearer {token}");
+    let (code, _) = http_request(
+        "GET",
+        &format!("{agent_url}/metrics"),
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+
+    // A collector without the token: the target is down, and says why.
+    let collector_config = |name: &str, extra: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "pull_targets = [\"{agent_url}\"]\npull_interval_secs = 1\npull_timeout_secs = 5\n{extra}"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let without = collector_config("without.toml", "");
+    let collector = CollectorProc::start(
+        &dir.path().join("store-without"),
+        &["--config", without.to_str().unwrap()],
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the target down for the token",
+        || {
+            let targets = get_json(&format!("{}/api/v1/pull/targets", collector.http));
+            targets.as_array().is_some_and(|t| {
+                t.iter().any(|t| {
+                    t["status"] == "down"
+                        && t["last_error"].as_str().is_some_and(|e| {
+                            e.contains("Unauthenticated") && e.contains("pull token")
+                        })
+                })
+            })
+        },
+    );
+    assert_eq!(collector.count("cpu"), 0);
+    collector.proc.terminate();
+
+    // With the token in its pull_token_file, the collector pulls, and the agent's queue drains.
+    let token_file = dir.path().join("pull.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let with = collector_config(
+        "with.toml",
+        &format!("pull_token_file = {:?}\n", token_file.to_str().unwrap()),
+    );
+    let collector = CollectorProc::start(
+        &dir.path().join("store-with"),
+        &["--config", with.to_str().unwrap()],
+    );
+    wait_until(Duration::from_secs(60), "pulled rows", || {
+        collector.count("cpu") >= 2
+    });
+    wait_until(Duration::from_secs(30), "agent queue drained", || {
+        get_json(&format!("{agent_url}/health"))["pending_batches"].as_u64() <= Some(3)
+    });
+    collector.proc.terminate();
+
+    // Beyond loopback without a pull token: refused, unless --insecure.
+    let check = |extra: &[&str]| {
+        Command::new(agent_bin())
+            .args(["--listen", "0.0.0.0:0", "--check-config"])
+            .args(extra)
+            .env_remove("DAMSELFLY_PULL_TOKEN")
+            .env_remove("DAMSELFLY_COLLECTOR")
+            .output()
+            .unwrap()
+    };
+    let refused = check(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pull_token") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    assert!(check(&["--insecure"]).status.success());
 }

@@ -12,16 +12,7 @@ use std::time::Duration;
 use common::{CollectorProc, Proc, agent_bin, damselfly_bin, wait_until};
 
 fn certs_init(dir: &Path) {
-    let out = Command::new(damselfly_bin())
-        .args(["certs", "init", "--host", "localhost,127.0.0.1", "--out"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::certs_init(dir);
     for f in [
         "ca.pem",
         "collector.pem",

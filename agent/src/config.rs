@@ -113,6 +113,14 @@ pub struct AgentConfig {
     pub tls_cert_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_file: Option<PathBuf>,
+    /// Pull mode: the token a collector must send (`authorization: Bearer <token>`, the collector's
+    /// `pull_token_file`) to pull this agent's batches, which acknowledges and so removes them, or to read its
+    /// `/metrics`. Default: none (anyone who reaches `listen` may).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull_token: Option<String>,
+    /// Allow `listen` on an address other hosts can reach without `pull_token` (refused otherwise; a warning at
+    /// start). Default false.
+    pub insecure: bool,
 }
 
 impl Default for AgentConfig {
@@ -149,6 +157,8 @@ impl Default for AgentConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            pull_token: None,
+            insecure: false,
         }
     }
 }
@@ -271,6 +281,20 @@ impl AgentConfig {
                 "is not a token (printable ASCII, no spaces: as `damselfly tokens create` prints it)".to_owned(),
             );
         }
+        if let Some(token) = &self.pull_token {
+            if self.listen.is_none() {
+                return invalid(
+                    "pull_token",
+                    "is only used in pull mode: set `listen` too (or remove it)".to_owned(),
+                );
+            }
+            if crate::credentials::bearer(token).is_none() {
+                return invalid(
+                    "pull_token",
+                    "is not a token (printable ASCII, no spaces)".to_owned(),
+                );
+            }
+        }
         if let Some(addr) = &self.advertise_addr {
             if self.listen.is_none() {
                 return invalid(
@@ -292,6 +316,21 @@ impl AgentConfig {
                     ),
                 );
             }
+        }
+        if let Some(listen) = self.listen
+            && !listen.ip().is_loopback()
+            && self.pull_token.is_none()
+            && !self.insecure
+        {
+            return invalid(
+                "listen",
+                format!(
+                    "is {listen}, which other hosts can reach, and `pull_token` is unset: anyone there could pull \
+                     this agent's batches (acknowledging, so dropping, them) and read its metrics. Set `pull_token` \
+                     (the collector sends it from its `pull_token_file`), listen on 127.0.0.1, or accept the risk \
+                     with `insecure = true` / --insecure"
+                ),
+            );
         }
         if let Some(dir) = &self.spool_dir
             && dir.as_os_str().is_empty()
@@ -716,6 +755,7 @@ mod tests {
         let c = AgentConfig {
             csp: "aws".into(),
             listen: Some("0.0.0.0:9100".parse().expect("addr")),
+            pull_token: Some("pull-secret".into()),
             measurements: vec!["cpu".into()],
             ..push()
         };
@@ -746,13 +786,14 @@ mod tests {
             spool_dir: Some("/x/spool".into()),
             listen: Some("0.0.0.0:9100".parse().expect("addr")),
             advertise_addr: Some("10.0.0.7:9100".into()),
+            pull_token: Some("x".into()),
             ..push()
         };
         let table: toml::Table =
             toml::from_str(&toml::to_string(&full).expect("ser")).expect("table");
         assert_eq!(
             table.len(),
-            24,
+            26,
             "a new key? document it in agent.example.toml"
         );
         for key in table.keys() {

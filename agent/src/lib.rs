@@ -325,6 +325,13 @@ pub async fn run(
     //   the shard the push task pushes to.
     let mut side_tasks: Vec<JoinHandle<()>> = Vec::new();
     if let Some(addr) = config.listen {
+        if !addr.ip().is_loopback() && config.pull_token.is_none() {
+            tracing::warn!(
+                %addr,
+                "insecure: listening beyond loopback without a pull token: anyone who reaches this port can pull \
+                 (and so drop) this agent's batches and read its metrics"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AgentError::Listen { addr, source })?;

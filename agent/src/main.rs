@@ -39,6 +39,18 @@ struct Cli {
     /// runs in pull mode alone.
     #[arg(long, value_name = "ADDR", env = "DAMSELFLY_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Pull mode: the token collectors must send to pull or read /metrics (`pull_token`). Prefer the config file
+    /// or the variable: a flag shows in the process list.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "DAMSELFLY_PULL_TOKEN",
+        hide_env_values = true
+    )]
+    pull_token: Option<String>,
+    /// Allow --listen on an address other hosts can reach without a pull token (a warning at start).
+    #[arg(long)]
+    insecure: bool,
     /// Pull mode: the host:port collectors should pull from (default: --listen).
     #[arg(long, value_name = "HOST:PORT", env = "DAMSELFLY_ADVERTISE_ADDR")]
     advertise_addr: Option<String>,
@@ -169,6 +181,10 @@ impl Cli {
         set_opt(&mut c.spool_dir, &self.spool_dir);
         if self.listen.is_some() {
             c.listen = self.listen;
+        }
+        set_opt(&mut c.pull_token, &self.pull_token);
+        if self.insecure {
+            c.insecure = true;
         }
         if let Some(v) = self.spool_max_bytes {
             c.spool_max_bytes = v;

@@ -14,6 +14,9 @@
 //!   [`MAX_PULL_RESPONSE_BYTES`]. zstd both ways. In push mode the call is refused with `FAILED_PRECONDITION`: the
 //!   push task owns the queue, and acknowledging from two sides would lose data.
 //!
+//! With `pull_token` set, Pull and `/metrics` need `authorization: Bearer <pull_token>` (gRPC `UNAUTHENTICATED`,
+//! HTTP 401 otherwise): a Pull acknowledges, so whoever may pull may drop batches. `/health` stays open.
+//!
 //! Wiring (one call in `run`): `serve::spawn(listener, ServeState::from_handles(&handles, &config), stop_rx)`, with
 //! the listener bound on `config.listen`. The collection loop publishes each round in `handles.latest`; Pull
 //! acknowledges from `handles.queue` and keeps the `pending` counters (what heartbeats report) up to date.
@@ -133,6 +136,8 @@ pub struct ServeState {
     pulls: Arc<PullCounters>,
     /// The agent's counters: Pull keeps `pending`/`pending_bytes` current and counts `batches_sent`.
     counters: Option<Arc<Counters>>,
+    /// What Pull and `/metrics` callers must present (`pull_token`); `None`: anyone may.
+    pull_token: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for ServeState {
@@ -141,6 +146,7 @@ impl std::fmt::Debug for ServeState {
             .field("agent_id", &self.agent_id)
             .field("mode", &self.mode)
             .field("queue", &self.queue.is_some())
+            .field("pull_token", &self.pull_token.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -155,7 +161,23 @@ impl ServeState {
             queue,
             pulls: Arc::default(),
             counters: None,
+            pull_token: None,
         }
+    }
+
+    /// The same, with Pull and `/metrics` needing `token`.
+    pub fn with_pull_token(self, token: Option<&str>) -> ServeState {
+        ServeState {
+            pull_token: token.map(|t| Arc::from(t.trim())),
+            ..self
+        }
+    }
+
+    /// Whether a caller whose `authorization` value is this may pull and read `/metrics`.
+    fn authorized(&self, authorization: Option<&str>) -> bool {
+        self.pull_token
+            .as_deref()
+            .is_none_or(|token| damselfly_proto::auth::bearer_matches(authorization, token))
     }
 
     /// The state of a running agent: its id, queue, latest round and counters; push mode when `collector` is set
@@ -174,7 +196,9 @@ impl ServeState {
             queue: Some(Arc::clone(&handles.queue)),
             pulls: Arc::default(),
             counters: Some(Arc::clone(&handles.counters)),
+            pull_token: None,
         }
+        .with_pull_token(config.pull_token.as_deref())
     }
 
     /// Publishes a collection round for `/metrics` (replacing the previous one).
@@ -274,7 +298,21 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<ServeState>) -> Response {
+async fn metrics(State(state): State<ServeState>, headers: header::HeaderMap) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !state.authorized(authorization) {
+        let body = serde_json::json!({
+            "error": "this agent's /metrics needs its pull token: send `Authorization: Bearer <pull_token>`"
+        });
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(body),
+        )
+            .into_response();
+    }
     let pending = state.pending();
     let (mut text, last_round) = {
         let latest = state.latest.read().unwrap_or_else(|p| p.into_inner());
@@ -394,6 +432,16 @@ impl MetricsSource for PullService {
         request: Request<PullRequest>,
     ) -> Result<tonic::Response<PullResponse>, Status> {
         let state = &self.state;
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if !state.authorized(authorization) {
+            return Err(Status::unauthenticated(
+                "this agent's Pull needs its pull token: send `authorization: Bearer <pull_token>` (the \
+                 collector's pull_token_file)",
+            ));
+        }
         if let ServeMode::Push { collector } = &state.mode {
             return Err(Status::failed_precondition(format!(
                 "this agent pushes to {collector}; it does not serve Pull"

@@ -231,7 +231,10 @@ impl Tokens {
             .iter()
             .find(|r| r.id == id && !r.revoked)
             .ok_or(AuthError::Unknown)?;
-        if !constant_time_eq(record.secret_sha256.as_bytes(), hash.as_bytes()) {
+        if !damselfly_proto::auth::constant_time_eq(
+            record.secret_sha256.as_bytes(),
+            hash.as_bytes(),
+        ) {
             return Err(AuthError::Unknown);
         }
         if let Some(expires) = record.expires_unix
@@ -396,11 +399,6 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
-}
-
-/// Compares without an early exit, so the time taken does not tell how much of a hash matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// What an HTTP request needs: `None` for the open endpoints (`/health`, the web UI's static pages, which ask the

@@ -121,6 +121,9 @@ pub struct CollectorConfig {
     /// Agents to pull from (pull mode): gRPC URLs of their `MetricsSource`, `http://host:port`, e.g.
     /// `"http://10.0.0.5:9464"`. Agents that register in pull mode are pulled as well. Default: none.
     pub pull_targets: Vec<String>,
+    /// A file holding the token agents in pull mode ask for (their `pull_token`), sent as `authorization: Bearer`
+    /// on every Pull. Default: none.
+    pub pull_token_file: Option<PathBuf>,
     /// Prometheus exporters to scrape (text exposition format), e.g. `"http://127.0.0.1:9100/metrics"`. Scraped
     /// every `pull_interval_secs`, bounded by `pull_timeout_secs`. Default: none.
     pub scrape_targets: Vec<String>,
@@ -208,6 +211,7 @@ impl Default for CollectorConfig {
             max_result_rows: 1_000_000,
             parquet_row_group_rows: 128 * 1024,
             pull_targets: Vec::new(),
+            pull_token_file: None,
             scrape_targets: Vec::new(),
             scrape_ca_file: None,
             pull_interval_secs: 10,
@@ -237,6 +241,31 @@ impl CollectorConfig {
             .flatten()
             .filter(|a| !a.ip().is_loopback())
             .collect()
+    }
+
+    /// The token of `pull_token_file` as the `authorization` value of a Pull: `None` without the file; an error
+    /// naming the file when it cannot be read or holds no token.
+    pub fn pull_token(
+        &self,
+    ) -> std::result::Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>, String>
+    {
+        let Some(path) = &self.pull_token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("pull_token_file {}: {e}", path.display()))?;
+        let token = token.trim();
+        let mut value = (!token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| format!("Bearer {token}").parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                format!(
+                    "pull_token_file {}: holds no token (printable ASCII, no spaces)",
+                    path.display()
+                )
+            })?;
+        tonic::metadata::MetadataValue::set_sensitive(&mut value, true);
+        Ok(Some(value))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -383,6 +412,9 @@ impl CollectorConfig {
                 "compaction_closed_after_secs ({}) must be at most 604800 (a week)",
                 self.compaction_closed_after_secs
             ));
+        }
+        if let Err(reason) = self.pull_token() {
+            return bad(reason);
         }
         for url in &self.scrape_targets {
             if let Err(reason) = crate::ingest::scrape::validate_scrape_url(url) {

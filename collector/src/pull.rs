@@ -144,6 +144,8 @@ pub struct PullSettings {
     pub max_batches: u32,
     /// Most back-to-back pulls of one target while its responses come back full.
     pub max_drain_pulls: usize,
+    /// The `authorization` value of every Pull (`pull_token_file`), for agents with a `pull_token`.
+    pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl PullSettings {
@@ -155,6 +157,8 @@ impl PullSettings {
             max_concurrent: 64,
             max_batches: 64,
             max_drain_pulls: 32,
+            // Checked (readable, a token) when the collector started.
+            token: config.pull_token().ok().flatten(),
         }
     }
 }
@@ -620,10 +624,15 @@ impl Slot {
     ) -> Result<(), String> {
         let max_batches = self.settings.max_batches.max(1);
         for round in 1..=self.settings.max_drain_pulls.max(1) {
-            let request = PullRequest {
+            let mut request = tonic::Request::new(PullRequest {
                 ack_through_seq: self.ack_through,
                 max_batches,
-            };
+            });
+            if let Some(token) = &self.settings.token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.clone());
+            }
             let response =
                 match tokio::time::timeout(self.settings.timeout, client.pull(request)).await {
                     Err(_) => {
@@ -833,6 +842,7 @@ mod tests {
             max_concurrent: 4,
             max_batches,
             max_drain_pulls: 32,
+            token: None,
         }
     }
 

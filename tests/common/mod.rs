@@ -13,6 +13,21 @@ pub fn damselfly_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
 }
 
+/// `damselfly certs init` into `dir`: a CA (`ca.pem`), a server certificate for localhost and 127.0.0.1
+/// (`collector.pem`, `collector-key.pem`) and an agent client certificate (`agent.pem`, `agent-key.pem`).
+pub fn certs_init(dir: &Path) {
+    let out = Command::new(damselfly_bin())
+        .args(["certs", "init", "--host", "localhost,127.0.0.1", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The `damselfly-agent` binary: another package's binary, so cargo does not build it for these tests; build it
 /// once (a no-op when `scripts/test.sh` or `cargo build --workspace` already did). `--workspace` keeps the
 /// features the workspace build unified: with `-p damselfly-agent` alone, cargo would build the agent's

@@ -45,6 +45,10 @@ pub struct ReceiverConfig {
     /// Webhook and Slack: the URL to post to (http or https).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// Webhook and Slack: PEM CA certificate(s) trusted for an https `url` besides the system's roots (an
+    /// internal endpoint with a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Email: the SMTP server, `host:port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_addr: Option<String>,
@@ -116,6 +120,7 @@ impl ReceiverConfig {
                         "smtp_addr, from and to are for email receivers",
                     ));
                 }
+                self.http_client().map_err(|e| self.invalid("ca_file", e))?;
             }
             ReceiverKind::Email => {
                 let Some(addr) = &self.smtp_addr else {
@@ -135,12 +140,27 @@ impl ReceiverConfig {
                         return Err(self.invalid("to", format!("{a:?} is not an email address")));
                     }
                 }
-                if self.url.is_some() {
-                    return Err(self.invalid("url", "an email receiver takes smtp_addr, not url"));
+                if self.url.is_some() || self.ca_file.is_some() {
+                    return Err(self.invalid(
+                        "url",
+                        "an email receiver takes smtp_addr, not url or ca_file",
+                    ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// The client a webhook or Slack receiver posts with: no proxy, the system's roots plus `ca_file`.
+    fn http_client(&self) -> Result<reqwest::Client, String> {
+        let builder = reqwest::Client::builder().no_proxy();
+        let builder = match &self.ca_file {
+            Some(ca) => crate::tls::trust_ca_file(builder, ca)?,
+            None => builder,
+        };
+        builder
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))
     }
 }
 
@@ -267,14 +287,13 @@ impl Notifier {
         delivery: Delivery,
         stop: watch::Receiver<bool>,
     ) -> Notifier {
-        let client = reqwest::Client::builder().no_proxy().build().ok();
         let mut receivers = BTreeMap::new();
         for config in configs {
             let (tx, rx) = mpsc::channel(delivery.queue_capacity.max(1));
             let counters = Arc::new(Counters::default());
             tokio::spawn(run_receiver(
                 config.clone(),
-                client.clone(),
+                config.http_client(),
                 delivery,
                 rx,
                 counters.clone(),
@@ -336,7 +355,7 @@ impl Notifier {
 
 async fn run_receiver(
     config: ReceiverConfig,
-    client: Option<reqwest::Client>,
+    client: Result<reqwest::Client, String>,
     delivery: Delivery,
     mut queue: mpsc::Receiver<Notification>,
     counters: Arc<Counters>,
@@ -411,12 +430,12 @@ async fn run_receiver(
 
 async fn deliver(
     config: &ReceiverConfig,
-    client: Option<&reqwest::Client>,
+    client: Result<&reqwest::Client, &String>,
     notification: &Notification,
 ) -> Result<(), Failure> {
     match config.kind {
         ReceiverKind::Webhook | ReceiverKind::Slack => {
-            let client = client.ok_or_else(|| Failure::Permanent("no HTTP client".into()))?;
+            let client = client.map_err(|e| Failure::Permanent(e.clone()))?;
             let url = config.url.as_deref().unwrap_or_default();
             let body = if config.kind == ReceiverKind::Webhook {
                 serde_json::to_vec(notification)
@@ -643,5 +662,20 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("not an email address"), "{e}");
+        let e = r(
+            "name = \"h\"\nkind = \"webhook\"\nurl = \"https://h/x\"\nca_file = \"/nonexistent/ca.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = r(
+            "name = \"m\"\nkind = \"email\"\nsmtp_addr = \"h:25\"\nto = [\"a@b\"]\nca_file = \"ca.pem\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not url or ca_file"), "{e}");
     }
 }
