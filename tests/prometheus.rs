@@ -752,12 +752,7 @@ fn the_collector_scrapes_an_https_exporter() {
         &[format!("--web.config.file={}", web_config.display())],
     );
     wait_until(Duration::from_secs(30), "node_exporter over HTTPS", || {
-        Command::new("curl")
-            .args(["-sf", "--max-time", "5", "--cacert"])
-            .arg(&ca)
-            .arg(format!("https://{addr}/metrics"))
-            .output()
-            .is_ok_and(|o| o.status.success())
+        common::https_ok(&format!("https://{addr}/metrics"), &ca)
     });
 
     let target = format!("scrape_targets = [\"https://{addr}/metrics\"]\npull_interval_secs = 1\n");

@@ -70,7 +70,21 @@ fn start_pull_agent(listen: &str, state_dir: &Path) -> Guard {
 
 /// [`start_pull_agent`], with `pull_token` (`DAMSELFLY_PULL_TOKEN`) when given.
 fn start_pull_agent_with_token(listen: &str, state_dir: &Path, pull_token: Option<&str>) -> Guard {
+    start_pull_agent_with(listen, state_dir, pull_token, None)
+}
+
+/// [`start_pull_agent`], with `pull_token` when given, and with the config file of `tls` (the agent serves TLS)
+/// when given: then `/health` is waited for over HTTPS with its CA.
+fn start_pull_agent_with(
+    listen: &str,
+    state_dir: &Path,
+    pull_token: Option<&str>,
+    tls: Option<(&Path, &Path)>,
+) -> Guard {
     let mut command = Command::new(agent_bin());
+    if let Some((config, _)) = tls {
+        command.arg("--config").arg(config);
+    }
     match pull_token {
         Some(token) => command.env("DAMSELFLY_PULL_TOKEN", token),
         None => command.env_remove("DAMSELFLY_PULL_TOKEN"),
@@ -102,8 +116,9 @@ fn start_pull_agent_with_token(listen: &str, state_dir: &Path, pull_token: Optio
         &mut command,
         state_dir.with_extension("agent.stderr"),
     );
-    wait_until(Duration::from_secs(30), "agent /health", || {
-        http_get(&format!("http://{listen}/health")).is_ok_and(|(code, _)| code == 200)
+    wait_until(Duration::from_secs(30), "agent /health", || match tls {
+        Some((_, ca)) => common::https_ok(&format!("https://{listen}/health"), ca),
+        None => http_get(&format!("http://{listen}/health")).is_ok_and(|(code, _)| code == 200),
     });
     agent
 }
@@ -458,4 +473,71 @@ fn pulling_needs_the_agents_pull_token() {
         "{stderr}"
     );
     assert!(check(&["--insecure"]).status.success());
+}
+
+/// An agent whose pull port serves TLS (`listen_tls_cert_file`): a collector with `pull_ca_file` pulls from its
+/// `https://` URL (with the pull token); one that tries plaintext on that port gets nothing.
+#[test]
+fn pulling_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    common::certs_init(&certs);
+    let ca = certs.join("ca.pem");
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "listen_tls_cert_file = {:?}\nlisten_tls_key_file = {:?}\n",
+            certs.join("collector.pem").to_str().unwrap(),
+            certs.join("collector-key.pem").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let token = "pull-over-tls";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let _agent = start_pull_agent_with(
+        &listen,
+        &dir.path().join("agent"),
+        Some(token),
+        Some((&agent_config, &ca)),
+    );
+    let token_file = dir.path().join("pull.token");
+    std::fs::write(&token_file, token).unwrap();
+
+    let start = |name: &str, url: &str| {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "pull_targets = [\"{url}\"]\npull_interval_secs = 1\npull_timeout_secs = 5\n\
+                 pull_token_file = {:?}\npull_ca_file = {:?}\n",
+                token_file.to_str().unwrap(),
+                ca.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        CollectorProc::start(
+            &dir.path().join(name),
+            &["--config", config.to_str().unwrap()],
+        )
+    };
+    let plain = start("plain", &format!("http://{listen}"));
+    wait_until(Duration::from_secs(30), "plaintext pulls failing", || {
+        let targets = get_json(&format!("{}/api/v1/pull/targets", plain.http));
+        targets.as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["status"] == "down" && t["consecutive_failures"].as_u64() >= Some(2))
+        })
+    });
+    assert_eq!(plain.count("cpu"), 0);
+    plain.proc.terminate();
+
+    let secure = start("secure", &format!("https://{listen}"));
+    wait_until(Duration::from_secs(60), "rows pulled over TLS", || {
+        secure.count("cpu") >= 2
+    });
+    let rows = secure.sql("SELECT DISTINCT agent_id FROM cpu");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["agent_id"], "agent-pull");
+    secure.proc.terminate();
 }

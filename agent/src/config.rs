@@ -121,6 +121,12 @@ pub struct AgentConfig {
     /// Allow `listen` on an address other hosts can reach without `pull_token` (refused otherwise; a warning at
     /// start). Default false.
     pub insecure: bool,
+    /// Pull mode over TLS: the PEM certificate chain and key `listen` serves with (HTTP and gRPC); collectors pull
+    /// from `https://` with `pull_ca_file`. Default: none (plaintext).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_tls_key_file: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -159,6 +165,8 @@ impl Default for AgentConfig {
             tls_key_file: None,
             pull_token: None,
             insecure: false,
+            listen_tls_cert_file: None,
+            listen_tls_key_file: None,
         }
     }
 }
@@ -280,6 +288,22 @@ impl AgentConfig {
                 "token",
                 "is not a token (printable ASCII, no spaces: as `damselfly tokens create` prints it)".to_owned(),
             );
+        }
+        if self.listen_tls_cert_file.is_some() != self.listen_tls_key_file.is_some() {
+            return invalid(
+                "listen_tls_cert_file",
+                "and listen_tls_key_file go together (the pull port's certificate and its key)"
+                    .to_owned(),
+            );
+        }
+        if self.listen_tls_cert_file.is_some() && self.listen.is_none() {
+            return invalid(
+                "listen_tls_cert_file",
+                "is only used in pull mode: set `listen` too (or remove it)".to_owned(),
+            );
+        }
+        if let Err(reason) = self.listen_tls() {
+            return invalid("listen_tls_cert_file", reason);
         }
         if let Some(token) = &self.pull_token {
             if self.listen.is_none() {
@@ -454,6 +478,25 @@ impl AgentConfig {
         self.advertise_addr
             .clone()
             .or_else(|| self.listen.map(|a| a.to_string()))
+    }
+
+    /// The pull port's TLS acceptor, from `listen_tls_cert_file` and `listen_tls_key_file`; `None` without them.
+    /// The error names the file that cannot be read or used.
+    pub fn listen_tls(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        let (Some(cert), Some(key)) = (&self.listen_tls_cert_file, &self.listen_tls_key_file)
+        else {
+            return Ok(None);
+        };
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let config = damselfly_proto::tls::server_config(
+            &read(cert)?,
+            &read(key)?,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )?;
+        Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
     }
 
     /// The probes' options from `measurements` and `top_n`.
@@ -634,7 +677,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_key() {
-        let cases: [(&str, &str); 18] = [
+        let cases: [(&str, &str); 21] = [
             ("interval = 0", "interval"),
             ("interval = 100000", "interval"),
             ("collector = \"127.0.0.1:4317\"", "collector"),
@@ -659,6 +702,15 @@ mod tests {
                 "listen = \"0.0.0.0:9100\"\nadvertise_addr = \"http://10.0.0.1:9100\"",
                 "advertise_addr",
             ),
+            (
+                "listen = \"127.0.0.1:9\"\nlisten_tls_cert_file = \"/c.pem\"",
+                "listen_tls_cert_file",
+            ),
+            (
+                "listen = \"127.0.0.1:9\"\nlisten_tls_cert_file = \"/nonexistent/c.pem\"\nlisten_tls_key_file = \"/nonexistent/k.pem\"",
+                "listen_tls_cert_file",
+            ),
+            ("listen = \"10.0.0.1:9100\"", "listen"),
         ];
         for (text, key) in cases {
             // A push configuration, unless the case sets `collector` itself.

@@ -337,6 +337,10 @@ pub async fn run(
             .map_err(|source| AgentError::Listen { addr, source })?;
         side_tasks.push(serve::spawn(
             listener,
+            config.listen_tls().map_err(|reason| ConfigError::Invalid {
+                key: "listen_tls_cert_file",
+                reason,
+            })?,
             serve::ServeState::from_handles(&handles, &config),
             stop_rx.clone(),
         ));

@@ -17,7 +17,8 @@
 //! With `pull_token` set, Pull and `/metrics` need `authorization: Bearer <pull_token>` (gRPC `UNAUTHENTICATED`,
 //! HTTP 401 otherwise): a Pull acknowledges, so whoever may pull may drop batches. `/health` stays open.
 //!
-//! Wiring (one call in `run`): `serve::spawn(listener, ServeState::from_handles(&handles, &config), stop_rx)`, with
+//! Wiring (one call in `run`): `serve::spawn(listener, config.listen_tls()?, ServeState::from_handles(&handles,
+//! &config), stop_rx)`, with
 //! the listener bound on `config.listen`. The collection loop publishes each round in `handles.latest`; Pull
 //! acknowledges from `handles.queue` and keeps the `pending` counters (what heartbeats report) up to date.
 
@@ -221,6 +222,7 @@ fn unix_nano_now() -> u64 {
 /// Spawns [`serve`] until `stop` turns true (or its sender is dropped); a server failure is logged.
 pub fn spawn(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: ServeState,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -229,7 +231,14 @@ pub fn spawn(
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        match serve(listener, state, stopped).await {
+        let served = match tls {
+            Some(acceptor) => match damselfly_proto::tls::TlsListener::new(listener, acceptor) {
+                Ok(listener) => serve_on(listener, state, stopped).await,
+                Err(e) => Err(e),
+            },
+            None => serve(listener, state, stopped).await,
+        };
+        match served {
             Ok(()) => tracing::debug!(?addr, "agent server stopped"),
             Err(e) => tracing::error!(?addr, error = %e, "agent server failed"),
         }
@@ -248,6 +257,19 @@ pub async fn serve(
         // Small gRPC frames must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
     });
+    serve_on(listener, state, shutdown).await
+}
+
+/// [`serve`] on any listener (plain TCP, or TLS sessions from [`damselfly_proto::tls::TlsListener`]).
+async fn serve_on<L>(
+    listener: L,
+    state: ServeState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {

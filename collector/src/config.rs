@@ -124,6 +124,9 @@ pub struct CollectorConfig {
     /// A file holding the token agents in pull mode ask for (their `pull_token`), sent as `authorization: Bearer`
     /// on every Pull. Default: none.
     pub pull_token_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the pull ports of `https://` targets must have certificates of. Default: none (then
+    /// only `http://` targets).
+    pub pull_ca_file: Option<PathBuf>,
     /// Prometheus exporters to scrape (text exposition format), e.g. `"http://127.0.0.1:9100/metrics"`. Scraped
     /// every `pull_interval_secs`, bounded by `pull_timeout_secs`. Default: none.
     pub scrape_targets: Vec<String>,
@@ -212,6 +215,7 @@ impl Default for CollectorConfig {
             parquet_row_group_rows: 128 * 1024,
             pull_targets: Vec::new(),
             pull_token_file: None,
+            pull_ca_file: None,
             scrape_targets: Vec::new(),
             scrape_ca_file: None,
             pull_interval_secs: 10,
@@ -241,6 +245,23 @@ impl CollectorConfig {
             .flatten()
             .filter(|a| !a.ip().is_loopback())
             .collect()
+    }
+
+    /// The TLS settings of `https://` pull targets: their certificates must be of `pull_ca_file`'s CA. `None`
+    /// without the file.
+    pub fn pull_tls(
+        &self,
+    ) -> std::result::Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        let Some(path) = &self.pull_ca_file else {
+            return Ok(None);
+        };
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        crate::tls::ca_certificates(&pem, path)?;
+        Ok(Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        ))
     }
 
     /// The token of `pull_token_file` as the `authorization` value of a Pull: `None` without the file; an error
@@ -416,6 +437,16 @@ impl CollectorConfig {
         if let Err(reason) = self.pull_token() {
             return bad(reason);
         }
+        if let Err(reason) = self.pull_tls() {
+            return bad(format!("pull_ca_file: {reason}"));
+        }
+        if self.pull_ca_file.is_none()
+            && let Some(url) = self.pull_targets.iter().find(|u| u.starts_with("https://"))
+        {
+            return bad(format!(
+                "pull_targets: {url:?} is https://, which needs pull_ca_file (the CA of the agents' pull certificates)"
+            ));
+        }
         for url in &self.scrape_targets {
             if let Err(reason) = crate::ingest::scrape::validate_scrape_url(url) {
                 return bad(format!("scrape_targets: {reason}"));
@@ -528,6 +559,28 @@ mod tests {
         };
         let err = config.validate().expect_err("slash in shard id");
         assert!(err.to_string().contains("shard_id"), "{err}");
+        let config = CollectorConfig {
+            pull_targets: vec!["https://10.0.0.7:9100".into()],
+            ..CollectorConfig::default()
+        };
+        let err = config.validate().expect_err("https without a CA");
+        assert!(err.to_string().contains("needs pull_ca_file"), "{err}");
+        let config = CollectorConfig {
+            pull_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..CollectorConfig::default()
+        };
+        let err = config.validate().expect_err("unreadable CA");
+        assert!(
+            err.to_string().contains("pull_ca_file")
+                && err.to_string().contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
+        let config = CollectorConfig {
+            pull_token_file: Some("/nonexistent/pull.token".into()),
+            ..CollectorConfig::default()
+        };
+        let err = config.validate().expect_err("unreadable token");
+        assert!(err.to_string().contains("pull_token_file"), "{err}");
     }
 
     #[test]

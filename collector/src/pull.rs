@@ -43,11 +43,14 @@ pub const MAX_PULL_RESPONSE_BYTES: usize = 64 << 20;
 /// Batches of one response stored at once (they can share a WAL group commit).
 const MAX_WRITES_IN_FLIGHT: usize = 64;
 
-/// Checks a target URL: `http://host:port` (no path; `https` is not supported yet). Returns why it is not.
+/// Checks a target URL: `http://host:port` or `https://host:port` (no path). Returns why it is not.
 pub fn validate_target_url(url: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{url:?} {why}; expected http://host:port"));
-    let Some(rest) = url.strip_prefix("http://") else {
-        return bad("does not start with http://");
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        return bad("does not start with http:// or https://");
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains(['/', '?', '#', '@']) || rest.chars().any(|c| c.is_whitespace()) {
@@ -146,6 +149,8 @@ pub struct PullSettings {
     pub max_drain_pulls: usize,
     /// The `authorization` value of every Pull (`pull_token_file`), for agents with a `pull_token`.
     pub token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// TLS for `https://` targets: the agents' pull ports are verified against `pull_ca_file`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl PullSettings {
@@ -157,8 +162,9 @@ impl PullSettings {
             max_concurrent: 64,
             max_batches: 64,
             max_drain_pulls: 32,
-            // Checked (readable, a token) when the collector started.
+            // Checked (readable, a token; a CA) when the collector started.
             token: config.pull_token().ok().flatten(),
+            tls: config.pull_tls().ok().flatten(),
         }
     }
 }
@@ -514,8 +520,17 @@ impl PullScheduler {
 /// A lazily connecting client: zstd both ways, bounded responses, connecting bounded by the timeout (calls are
 /// bounded by the caller).
 fn connect(url: &str, settings: &PullSettings) -> Result<MetricsSourceClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("invalid target URL {url:?}: {e}"))?
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("invalid target URL {url:?}: {e}"))?;
+    if url.starts_with("https://") {
+        let tls = settings.tls.clone().ok_or_else(|| {
+            format!("{url}: an https:// target needs pull_ca_file (the CA of the agents' pull certificates)")
+        })?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("{url}: {}", crate::error::error_chain(&e)))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(settings.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -843,6 +858,7 @@ mod tests {
             max_batches,
             max_drain_pulls: 32,
             token: None,
+            tls: None,
         }
     }
 
@@ -874,12 +890,13 @@ mod tests {
             "http://10.0.0.5:9464",
             "http://host-a.example:1/",
             "http://[::1]:7070",
+            "https://h:1",
         ] {
             assert!(validate_target_url(ok).is_ok(), "{ok}");
         }
         for bad in [
             "10.0.0.5:9464",
-            "https://h:1",
+            "ftp://h:1",
             "http://h",
             "http://h:0",
             "http://h:99999",

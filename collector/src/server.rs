@@ -305,7 +305,7 @@ impl Collector {
         );
         let mut http = match &self.tls {
             Some(tls) => {
-                let listener = crate::tls::TlsListener::new(self.http, tls.acceptor())
+                let listener = damselfly_proto::tls::TlsListener::new(self.http, tls.acceptor())
                     .map_err(|e| CollectorError::Server(format!("https listener: {e}")))?;
                 let http =
                     axum::serve(listener, api).with_graceful_shutdown(stopped(stop_rx.clone()));

@@ -4,24 +4,17 @@
 //! key) and, optionally, `client_ca_file`: then gRPC clients (agents) must present a certificate signed by that CA
 //! (mutual TLS), on top of their token. With `[tls]`, every port speaks only TLS: a plaintext gRPC or HTTP
 //! connection fails its handshake, and a PostgreSQL client that does not ask for SSL is refused (SQLSTATE 28000).
-//! `damselfly certs init` makes a small CA and the certificates for a deployment.
+//! `damselfly certs init` makes a small CA and the certificates for a deployment. The listener itself is
+//! [`damselfly_proto::tls::TlsListener`], which the agent's pull port uses too.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
-use tokio_rustls::server::TlsStream;
-
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[tls]`: the server's certificate and key, and optionally the CA of the agents' client certificates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,58 +57,32 @@ impl TlsConfig {
             .as_deref()
             .map(|p| read(p, "client CA (client_ca_file)"))
             .transpose()?;
-        let certs = CertificateDer::pem_slice_iter(&cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                format!(
-                    "tls: {}: not a PEM certificate: {e}",
-                    self.cert_file.display()
-                )
-            })?;
-        if certs.is_empty() {
-            return Err(format!(
-                "tls: {} holds no certificate",
-                self.cert_file.display()
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-            format!(
-                "tls: {}: not a PEM private key: {e}",
-                self.key_file.display()
-            )
-        })?;
         if let (Some(pem), Some(path)) = (&client_ca_pem, &self.client_ca_file) {
             ca_certificates(pem, path)?;
         }
         if let Some(path) = &self.peer_ca_file {
             ca_certificates(&read(path, "peer CA (peer_ca_file)")?, path)?;
         }
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "tls: the certificate {} and key {} do not make a server identity: {e}",
-                self.cert_file.display(),
-                self.key_file.display()
-            )
-        })?;
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let server = damselfly_proto::tls::server_config(
+            &cert_pem,
+            &key_pem,
+            &self.cert_file.display().to_string(),
+            &self.key_file.display().to_string(),
+        )?;
         Ok(TlsFiles {
             cert_pem,
             key_pem,
             client_ca_pem,
-            server: Arc::new(server),
+            server,
         })
     }
 }
 
 /// The certificates of a PEM CA file; an error naming the file when it holds none or is not PEM.
-fn ca_certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn ca_certificates(
+    pem: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
     let cas = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("tls: {}: not a PEM certificate: {e}", path.display()))?;
@@ -154,65 +121,5 @@ impl TlsFiles {
     /// The acceptor for the HTTP API and the PostgreSQL port.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.server.clone())
-    }
-}
-
-/// A TCP listener whose connections come out as finished TLS sessions: handshakes run in their own tasks (with a
-/// timeout), so a slow or hostile client never holds up the others; failed ones are logged and dropped.
-#[derive(Debug)]
-pub struct TlsListener {
-    local: SocketAddr,
-    sessions: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-}
-
-impl TlsListener {
-    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let (tx, sessions) = mpsc::channel(64);
-        tokio::spawn(async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "https accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let session_tx = tx.clone();
-                tokio::spawn(async move {
-                    let _ = stream.set_nodelay(true);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(session)) => {
-                            let _ = session_tx.send((session, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-                if tx.is_closed() {
-                    break;
-                }
-            }
-        });
-        Ok(TlsListener { local, sessions })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.sessions.recv().await {
-            Some(session) => session,
-            // The accept task only ends when this listener is gone; wait for the server's shutdown.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }

@@ -13,6 +13,16 @@ pub fn damselfly_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_damselfly"))
 }
 
+/// Whether `url` answers a GET with a 2xx over HTTPS, its certificate verified against the CA `ca` (curl).
+pub fn https_ok(url: &str, ca: &Path) -> bool {
+    Command::new("curl")
+        .args(["-sf", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .arg(url)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// `damselfly certs init` into `dir`: a CA (`ca.pem`), a server certificate for localhost and 127.0.0.1
 /// (`collector.pem`, `collector-key.pem`) and an agent client certificate (`agent.pem`, `agent-key.pem`).
 pub fn certs_init(dir: &Path) {
@@ -187,14 +197,7 @@ impl CollectorProc {
         wait_until(
             Duration::from_secs(30),
             "collector /health over TLS",
-            || {
-                Command::new("curl")
-                    .args(["-sf", "--max-time", "5", "--cacert"])
-                    .arg(ca)
-                    .arg(format!("{}/health", collector.http))
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            },
+            || https_ok(&format!("{}/health", collector.http), ca),
         );
         collector
     }
